@@ -1,0 +1,97 @@
+"""Validation and reduction helpers shared by every loss in ``rlmt_edu.losses``.
+
+Two jobs only:
+
+1. Check inputs at the public boundary and raise a ``ValueError`` that names the argument, what it got and
+   what was expected (``check_*`` functions).
+2. Make every reduction visible: the paper's sums and means go through ``masked_sum`` and ``masked_mean``,
+   so a reader sees exactly which axis is summed and what it is divided by.
+
+Shape legend used across the package: B batch, Q questions, G group size, T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def check_tensor(name: str, x: object, *, ndim: int | None = None, floating: bool = True) -> Tensor:
+    """Reject non-tensors, the wrong number of dimensions, and (for float tensors) NaN or inf."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {_describe(x)}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimension(s), got shape {tuple(x.shape)}")
+    if floating and not torch.is_floating_point(x):
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if torch.is_floating_point(x) and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN or inf entries")
+    return x
+
+
+def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_b}: expected the same shape as {name_a} {tuple(a.shape)}, got {tuple(b.shape)}"
+        )
+
+
+def check_mask(name: str, mask: object, like_name: str, like: Tensor) -> Tensor:
+    """A 0/1 mask (bool or numeric) of the same shape as ``like`` that selects at least one element
+    in every row (every sample must have at least one response token). Returned as ``like``'s dtype."""
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor of 0/1, got {_describe(mask)}")
+    check_same_shape(like_name, like, name, mask)
+    if mask.dtype != torch.bool:
+        if torch.is_floating_point(mask) and not bool(torch.isfinite(mask).all()):
+            raise ValueError(f"{name}: expected only 0 and 1, got NaN or inf")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name}: expected only 0 and 1, got values {mask.unique()[:6].tolist()}")
+    if mask.dim() >= 2:
+        empty = (mask.reshape(mask.shape[0], -1) != 0).sum(dim=1) == 0
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten()[:6].tolist()
+            raise ValueError(
+                f"{name}: expected at least one selected token per sample, got empty rows {rows}"
+            )
+    elif not bool((mask != 0).any()):
+        raise ValueError(f"{name}: expected at least one selected element, got none")
+    return mask.to(like.dtype)
+
+
+def check_positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value != value:
+        raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+    return float(value)
+
+
+def check_non_negative(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value != value:
+        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: tuple) -> object:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` over the entries where ``mask`` is 1 (all entries if ``dim`` is None)."""
+    x = torch.where(mask != 0, x, torch.zeros_like(x)) * mask  # where(): a masked-out inf must not become NaN
+    return x.sum() if dim is None else x.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is 1: masked sum divided by the mask's count."""
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return masked_sum(x, mask, dim) / count

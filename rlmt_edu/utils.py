@@ -1,0 +1,111 @@
+"""Small shared machinery: seeding, the device choice, the History that procedures return, atomic saving."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch, and return a fresh CPU ``torch.Generator`` seeded the same way.
+
+    Sampling code takes that generator explicitly, so two runs with one seed draw the same tokens.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def choose_device(prefer: str | None = None) -> torch.device:
+    """The device to train on, chosen once: ``prefer`` if given, else cuda, then mps, then cpu."""
+    if prefer is not None:
+        if prefer not in ("cpu", "cuda", "mps") and not prefer.startswith("cuda:"):
+            raise ValueError(f"prefer: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {prefer!r}")
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class History(list):
+    """A training run's record: a list of per-step metric dicts, e.g. ``{"step": 3, "loss/sft": 1.2}``.
+
+    Plots read it by key (``history.series("loss/sft")``); nothing reads notebook globals.
+    """
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """The steps at which ``key`` was logged and its values there."""
+        steps, values = [], []
+        for i, row in enumerate(self):
+            if key in row:
+                steps.append(row.get("step", i))
+                values.append(row[key])
+        if not values:
+            known = sorted({k for row in self for k in row})
+            raise ValueError(f"key: {key!r} was never logged; logged keys are {known}")
+        return steps, values
+
+    def last(self, key: str) -> float:
+        """The last logged value of ``key``."""
+        return self.series(key)[1][-1]
+
+    def keys(self) -> list[str]:
+        return sorted({k for row in self for k in row})
+
+    def to_json(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(list(self), indent=1))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "History":
+        return cls(json.loads(Path(path).read_text()))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` to fill a temporary folder beside ``target``, then move it into place.
+
+    A crash half-way leaves ``target`` as it was (the old checkpoint, or nothing), never half-written.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
