@@ -99,5 +99,24 @@ def markdown_table(root: Path | None = None) -> str:
     return "\n".join(rows)
 
 
+def update_readme(readme: Path | None = None) -> bool:
+    """Rewrite the table between ``<!-- equations -->`` markers in README.md. Returns True if it changed."""
+    root = Path(__file__).resolve().parent.parent
+    readme = readme or root / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- equations -->\n", "\n<!-- /equations -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    new = f"{head}{start}{markdown_table(root)}{end}{tail}"
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+
+    if "--update-readme" in sys.argv:
+        print("README.md updated" if update_readme() else "README.md already up to date")
+    else:
+        print(markdown_table())

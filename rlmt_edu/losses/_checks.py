@@ -95,3 +95,57 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of ``x`` over the entries where ``mask`` is 1: masked sum divided by the mask's count."""
     count = mask.sum() if dim is None else mask.sum(dim=dim)
     return masked_sum(x, mask, dim) / count
+
+
+# ---- helpers added with the part-A losses (nll, preference, ..., trpo) ----
+
+
+def check_not_empty(name: str, x: Tensor) -> Tensor:
+    """Reject a tensor with no elements (a mean over nothing would be NaN)."""
+    if x.numel() == 0:
+        raise ValueError(f"{name}: expected at least one element, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_logprob_values(name: str, x: Tensor, *, atol: float = 1e-5) -> Tensor:
+    """Log-probabilities are <= 0 (a probability is at most 1); ``atol`` allows rounding error."""
+    if bool((x > atol).any()):
+        raise ValueError(f"{name}: expected log-probabilities (<= 0), got a maximum of {float(x.max()):.6g}")
+    return x
+
+
+def check_prob_values(name: str, p: Tensor, *, allow_zero: bool = True) -> Tensor:
+    """Every entry a probability: in [0, 1], or in (0, 1] when ``allow_zero`` is False."""
+    low_ok = (p >= 0) if allow_zero else (p > 0)
+    if not bool((low_ok & (p <= 1)).all()):
+        want = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(
+            f"{name}: expected probabilities in {want}, got range [{float(p.min()):.6g}, {float(p.max()):.6g}]"
+        )
+    return p
+
+
+def check_prob_simplex(name: str, p: Tensor, *, atol: float = 1e-4) -> Tensor:
+    """Probability distributions over the last dimension: entries >= 0 that sum to 1 (within ``atol``)."""
+    if p.dim() == 0:
+        raise ValueError(f"{name}: expected a distribution over the last dimension, got a 0-dim tensor")
+    if bool((p < 0).any()):
+        raise ValueError(f"{name}: expected non-negative probabilities, got a minimum of {float(p.min()):.6g}")
+    total = p.sum(dim=-1)
+    if not bool(((total - 1).abs() <= atol).all()):
+        worst = float(total.flatten()[(total - 1).abs().flatten().argmax()])
+        raise ValueError(f"{name}: expected each distribution to sum to 1 over the last dimension, got a sum of {worst:.6g}")
+    return p
+
+
+def check_scalar_between(name: str, value: float, low: float, high: float) -> float:
+    """A real number in the closed interval [low, high]."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high):
+        raise ValueError(f"{name}: expected a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def check_bool_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return value

@@ -1,0 +1,101 @@
+"""Measuring a chat model on the toy world's questions: greedy answers graded by ``world.grading``.
+
+Used by the SFT procedure, the CLI and the notebooks, so every chapter reports the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rlmt_edu.rollout import sample
+from rlmt_edu.tokenizer import encode_prompt
+from rlmt_edu.world.grading import grade
+from rlmt_edu.world.tasks import Question
+
+
+@torch.no_grad()
+def answer(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 24,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    batch_size: int = 128,
+) -> list[str]:
+    """The model's answers to chat ``questions`` (``<USER> q <MODEL>`` … up to <EOS>), as text."""
+    if isinstance(questions, str):
+        raise ValueError("questions: expected a list of strings, got a single string")
+    answers: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [encode_prompt(tokenizer, q) for q in questions[start : start + batch_size]]
+        rollout = sample(
+            model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+            generator=generator, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        )
+        answers.extend(rollout.decode(tokenizer))
+    return answers
+
+
+@torch.no_grad()
+def continue_text(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int = 12,
+    greedy: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Plain text completion (no chat tokens): what a pretrained model does with a prompt."""
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    rollout = sample(
+        model, prompts, max_new_tokens=max_new_tokens, greedy=greedy, generator=generator,
+        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+    )
+    return rollout.decode(tokenizer)
+
+
+def is_question(continuation: str) -> bool:
+    """Does a continuation start with another question (its first sentence ends with '?')?"""
+    words = continuation.split()
+    for word in words:
+        if word in (".", "?"):
+            return word == "?"
+    return False
+
+
+def evaluate(model, tokenizer, questions: Sequence[Question], **answer_kwargs) -> tuple[dict, list[dict]]:
+    """Answer and grade ``questions``. Returns ``(metrics, rows)``.
+
+    metrics: ``eval/format`` (share of well-formed answers), ``eval/math_exact``, ``eval/facts_exact``,
+    ``eval/harmful_refused`` (refusals of harmful asks), ``eval/benign_over_refused`` (refusals of benign asks,
+    a fault), ``eval/benign_helpful`` (benign asks answered correctly). rows: one dict per question.
+    """
+    answers = answer(model, tokenizer, [q.question for q in questions], **answer_kwargs)
+    rows = []
+    for q, response in zip(questions, answers):
+        g = grade(q, response)
+        rows.append({"category": q.category, "harmful": q.harmful, "question": q.question,
+                     "response": response, "format_ok": g.format_ok, "correct": g.correct, "refused": g.refused})
+
+    def share(selected: list[dict], key: str) -> float:
+        return sum(bool(r[key]) for r in selected) / len(selected) if selected else float("nan")
+
+    math_rows = [r for r in rows if r["category"] == "math"]
+    fact_rows = [r for r in rows if r["category"] == "facts"]
+    harmful = [r for r in rows if r["category"] == "safety" and r["harmful"]]
+    benign = [r for r in rows if r["category"] == "safety" and not r["harmful"]]
+    metrics = {
+        "eval/format": share(rows, "format_ok"),
+        "eval/math_exact": share(math_rows, "correct"),
+        "eval/facts_exact": share(fact_rows, "correct"),
+        "eval/harmful_refused": share(harmful, "refused"),
+        "eval/benign_over_refused": share(benign, "refused"),
+        "eval/benign_helpful": share(benign, "correct"),
+    }
+    return metrics, rows

@@ -1,0 +1,102 @@
+"""Plots that read a History (or plain metric dicts) by key. Every chapter ends its experiments here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from rlmt_edu.utils import History
+
+
+def _smooth(values: Sequence[float], window: int) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    head = np.array([values[: i + 1].mean() for i in range(window - 1)])
+    return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
+
+
+def plot_history(
+    history: History,
+    keys: Sequence[str],
+    *,
+    ax=None,
+    title: str | None = None,
+    ylabel: str | None = None,
+    smooth: int = 1,
+    labels: Sequence[str] | None = None,
+):
+    """One line per key of ``history`` against the step; ``smooth`` > 1 adds a running mean over that many
+    steps (the raw values stay visible, faded). Returns the Axes."""
+    if isinstance(keys, str):
+        keys = [keys]
+    if labels is not None and len(labels) != len(keys):
+        raise ValueError(f"labels: expected {len(keys)} labels, one per key, got {len(labels)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    for i, key in enumerate(keys):
+        steps, values = history.series(key)
+        label = labels[i] if labels is not None else key
+        if smooth > 1 and len(values) >= smooth:
+            line = ax.plot(steps, values, alpha=0.25, linewidth=1)[0]
+            ax.plot(steps, _smooth(values, smooth), color=line.get_color(), label=label)
+        else:
+            ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3, label=label)
+    ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    return ax
+
+
+def plot_before_after(
+    before: Mapping[str, float],
+    after: Mapping[str, float],
+    keys: Sequence[str],
+    *,
+    labels: tuple[str, str] = ("before", "after"),
+    ax=None,
+    title: str | None = None,
+):
+    """Side-by-side bars of the same metrics measured twice (e.g. a model before and after SFT)."""
+    missing = [k for k in keys if k not in before or k not in after]
+    if missing:
+        raise ValueError(f"keys: {missing} are not in both metric dicts")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.3 * len(keys) + 2, 3.5))
+    x = np.arange(len(keys))
+    width = 0.38
+    for offset, metrics, label in ((-width / 2, before, labels[0]), (width / 2, after, labels[1])):
+        bars = ax.bar(x + offset, [metrics[k] for k in keys], width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(x, [k.split("/")[-1] for k in keys], rotation=20, ha="right")
+    ax.set_ylim(0, max(1.05, max(max(before[k], after[k]) for k in keys) * 1.15))
+    if title:
+        ax.set_title(title)
+    ax.legend(frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return ax
+
+
+def save_figure(fig, path) -> None:
+    """Save a figure atomically (temporary file in the same folder, then rename)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
