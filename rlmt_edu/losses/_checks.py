@@ -134,7 +134,7 @@ def check_prob_simplex(name: str, p: Tensor, *, atol: float = 1e-4) -> Tensor:
     total = p.sum(dim=-1)
     if not bool(((total - 1).abs() <= atol).all()):
         worst = float(total.flatten()[(total - 1).abs().flatten().argmax()])
-        raise ValueError(f"{name}: expected each distribution to sum to 1 over the last dimension, got a sum of {worst:.6g}")
+        raise ValueError(f"{name}: expected each distribution to sum to 1 over the last dimension, got {worst:.6g}")
     return p
 
 
