@@ -11,7 +11,7 @@ import torch
 
 from rlmt_edu.rollout import sample
 from rlmt_edu.tokenizer import encode_prompt
-from rlmt_edu.world.grading import grade
+from rlmt_edu.world.grading import grade, summarize
 from rlmt_edu.world.tasks import Question
 
 
@@ -70,32 +70,15 @@ def is_question(continuation: str) -> bool:
 
 
 def evaluate(model, tokenizer, questions: Sequence[Question], **answer_kwargs) -> tuple[dict, list[dict]]:
-    """Answer and grade ``questions``. Returns ``(metrics, rows)``.
+    """Answer ``questions`` (greedy by default) and grade them with ``world.grading``.
 
-    metrics: ``eval/format`` (share of well-formed answers), ``eval/math_exact``, ``eval/facts_exact``,
-    ``eval/harmful_refused`` (refusals of harmful asks), ``eval/benign_over_refused`` (refusals of benign asks,
-    a fault), ``eval/benign_helpful`` (benign asks answered correctly). rows: one dict per question.
+    Returns ``(metrics, rows)``: the rates of ``world.grading.summarize`` (format, accuracy, math and facts
+    exact match, refusals of harmful asks, over-refusals of benign ones) and one dict per question.
     """
     answers = answer(model, tokenizer, [q.question for q in questions], **answer_kwargs)
     rows = []
     for q, response in zip(questions, answers):
         g = grade(q, response)
-        rows.append({"category": q.category, "harmful": q.harmful, "question": q.question,
-                     "response": response, "format_ok": g.format_ok, "correct": g.correct, "refused": g.refused})
-
-    def share(selected: list[dict], key: str) -> float:
-        return sum(bool(r[key]) for r in selected) / len(selected) if selected else float("nan")
-
-    math_rows = [r for r in rows if r["category"] == "math"]
-    fact_rows = [r for r in rows if r["category"] == "facts"]
-    harmful = [r for r in rows if r["category"] == "safety" and r["harmful"]]
-    benign = [r for r in rows if r["category"] == "safety" and not r["harmful"]]
-    metrics = {
-        "eval/format": share(rows, "format_ok"),
-        "eval/math_exact": share(math_rows, "correct"),
-        "eval/facts_exact": share(fact_rows, "correct"),
-        "eval/harmful_refused": share(harmful, "refused"),
-        "eval/benign_over_refused": share(benign, "refused"),
-        "eval/benign_helpful": share(benign, "correct"),
-    }
-    return metrics, rows
+        rows.append({"category": q.category, "harmful": q.harmful, "question": q.question, "response": response,
+                     "format_ok": g.format_ok, "correct": g.correct, "refused": g.refused, "reason": g.reason})
+    return summarize(questions, answers), rows

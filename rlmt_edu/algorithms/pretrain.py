@@ -26,7 +26,7 @@ class PretrainConfig:
     seed: int = 0  #: seeds the model's initialisation and the order of training windows
     steps: int = 1200  #: optimiser steps
     batch_size: int = 32  #: windows per step
-    window: int = 64  #: tokens per window (at most the model's context, ModelConfig.n_positions)
+    window: int = 63  #: predicted tokens per window; a window plus its first token fills the context (64)
     learning_rate: float = 3e-3  #: peak AdamW learning rate, reached after `warmup_steps`, then cosine decay
     warmup_steps: int = 50  #: linear warm-up steps
     weight_decay: float = 0.01  #: AdamW weight decay
@@ -39,8 +39,8 @@ class PretrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        if self.window > self.model.n_positions:
-            raise ValueError(f"window: expected at most the context {self.model.n_positions}, got {self.window}")
+        if self.window >= self.model.n_positions:
+            raise ValueError(f"window: expected less than the context {self.model.n_positions}, got {self.window}")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction: expected a number in (0, 1), got {self.heldout_fraction!r}")
         if not self.learning_rate > 0:
