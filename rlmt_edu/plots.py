@@ -100,3 +100,45 @@ def save_figure(fig, path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def plot_token_strip(
+    tokens: Sequence[str],
+    values: Sequence[float],
+    *,
+    ax=None,
+    title: str | None = None,
+    cmap: str = "coolwarm",
+    center: float | None = 0.0,
+    fmt: str = "{:+.2f}",
+    label: str | None = None,
+):
+    """Tokens in a row, each box coloured by its value (e.g. a mask, a per-token advantage A = R - V).
+
+    ``center`` fixes the colour scale's middle (0 for advantages: blue below, red above); None spans min..max.
+    """
+    import matplotlib.colors as mcolors
+
+    if len(tokens) != len(values):
+        raise ValueError(f"values: expected one value per token ({len(tokens)}), got {len(values)}")
+    values = np.asarray(values, dtype=float)
+    if center is None:
+        norm = mcolors.Normalize(vmin=values.min(), vmax=values.max() if values.max() > values.min() else values.min() + 1)
+    else:
+        span = max(abs(values - center).max(), 1e-9)
+        norm = mcolors.TwoSlopeNorm(vcenter=center, vmin=center - span, vmax=center + span)
+    colormap = plt.get_cmap(cmap)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(4.0, 0.75 * len(tokens)), 1.3))
+    for i, (token, value) in enumerate(zip(tokens, values)):
+        ax.add_patch(plt.Rectangle((i, 0), 0.95, 1, color=colormap(norm(value))))
+        ax.text(i + 0.475, 0.62, token, ha="center", va="center", fontsize=9)
+        ax.text(i + 0.475, 0.25, fmt.format(value), ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, len(tokens))
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=10)
+    if label:
+        ax.figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=colormap), ax=ax, label=label, fraction=0.02)
+    return ax

@@ -139,11 +139,11 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        row = {"step": step, "loss/train": float(loss), "lr": scheduler.get_last_lr()[0]}
+        row = {"step": step, "loss/train": loss.item(), "lr": scheduler.get_last_lr()[0]}
         if (step + 1) % config.eval_every == 0 or step == config.steps - 1:
             row["eval/heldout_nll"] = heldout_nll_per_token(model, heldout_stream, config.window, device)
             row["eval/unigram_nll"] = baseline
-            bar.set_postfix(loss=f"{float(loss):.3f}", heldout=f"{row['eval/heldout_nll']:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", heldout=f"{row['eval/heldout_nll']:.3f}")
         history.append(row)
     model.eval()
     return model, history

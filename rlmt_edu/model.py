@@ -1,0 +1,284 @@
+"""The tiny GPT every chapter trains, its checkpoints, and per-token log-probs of whole sequences.
+
+The model is a plain ``transformers`` GPT-2 (``GPT2LMHeadModel``) built from a tiny ``GPT2Config``, so that
+``generate``, ``save_pretrained`` and swapping in any other ``AutoModelForCausalLM`` keep working. Nothing
+here is specific to the paper's algorithms: this is the machinery they share.
+
+- ``ModelConfig`` / ``build_model``: a CPU-sized GPT-2 whose vocabulary is the word-level tokenizer's.
+- ``save_checkpoint`` / ``load_checkpoint``: safetensors only (nothing is unpickled), written atomically.
+- ``sequence_logprobs``: log π(a_t | s_t) of every token of a batch after the first, in one forward pass,
+  correct for left-padded rows too.
+
+Later chapters add a critic (a scalar per token) and a reward model (a scalar on the last token); both are the
+same trunk (``model.transformer``) with a small head, so they can reuse ``ModelConfig`` and
+``position_ids_from_mask`` below.
+
+Shape legend: B batch, T tokens, V vocabulary (L is a full sequence length: prompt and response).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from rlmt_edu.losses._checks import check_positive, check_tensor
+from rlmt_edu.losses.nll import token_logp
+from rlmt_edu.utils import atomic_save_dir
+
+Tensor = torch.Tensor
+
+#: The small JSON file that ``save_checkpoint`` writes beside the weights (config used, metrics, ...).
+METADATA_FILE = "rlmt_edu.json"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Size of the tiny GPT-2. The defaults train in seconds to minutes on a 2-core CPU."""
+
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide ``n_embd``."""
+    n_embd: int = 128
+    """Width of the residual stream (embedding size)."""
+    n_positions: int = 64
+    """Context length: the longest prompt + response the model can see."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (0 keeps sampling and training identical)."""
+    layer_norm_epsilon: float = 1e-5
+    """Epsilon of every LayerNorm."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal initialisation of the weights."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_head: expected a divisor of n_embd={self.n_embd}, got {self.n_head}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        check_positive("layer_norm_epsilon", self.layer_norm_epsilon)
+        check_positive("initializer_range", self.initializer_range)
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerBase, config: ModelConfig = ModelConfig(), *, seed: int = 0
+) -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2 whose vocabulary is ``tokenizer``'s, in eval mode, on the CPU.
+
+    bos and eos are the tokenizer's ``<EOS>`` id and pad its ``<PAD>`` id, so ``generate`` needs no extra
+    arguments and emits no warnings. The initialisation is drawn from ``seed`` inside a forked RNG, so building
+    a model neither depends on nor disturbs the global torch random state.
+    """
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config: expected a ModelConfig, got {type(config).__name__}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    vocab_size = len(tokenizer)
+    ids = {"eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    for name, token_id in ids.items():
+        if token_id is None or not 0 <= token_id < vocab_size:
+            raise ValueError(
+                f"tokenizer: expected a {name} token with an id in [0, {vocab_size}), got {token_id!r}"
+            )
+    gpt2_config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        initializer_range=config.initializer_range,
+        bos_token_id=ids["eos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(gpt2_config)
+    return model.eval()
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``model`` and ``tokenizer`` with ``save_pretrained`` (safetensors) into the folder ``path``.
+
+    ``metadata`` (e.g. the config used and final metrics; JSON-serialisable) goes to ``rlmt_edu.json``.
+    Everything is written into a temporary folder beside ``path`` first and moved into place at the end, so a
+    crash half-way leaves the previous checkpoint (or nothing) at ``path``, never a half-written one.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise ValueError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer).__name__}")
+    metadata_text = None
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise ValueError(f"metadata: expected a dict or None, got {type(metadata).__name__}")
+        try:
+            metadata_text = json.dumps(metadata, indent=1, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"metadata: expected JSON-serialisable values, got {error}") from None
+
+    def write(folder: Path) -> None:
+        with _no_progress_bars():
+            model.save_pretrained(folder)  # transformers 5 always writes model.safetensors
+        tokenizer.save_pretrained(folder)
+        if metadata_text is not None:
+            (folder / METADATA_FILE).write_text(metadata_text, encoding="utf-8")
+
+    return atomic_save_dir(path, write)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' per-file progress bars (noise in a notebook for a 1 MB model), then restore them."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _check_checkpoint_dir(path: str | Path) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"path: expected an existing checkpoint folder, got {str(path)!r} (no such folder)")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"path: expected a model checkpoint with config.json, got {str(path)!r} without one")
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+        raise ValueError(
+            f"path: expected safetensors weights ({' or '.join(_WEIGHT_FILES)}) in {str(path)!r}, found none"
+        )
+    return folder
+
+
+def load_checkpoint(
+    path: str | Path, *, device: str | torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a folder written by ``save_checkpoint`` (or any local causal-LM checkpoint in safetensors).
+
+    Local files only (nothing reaches the network) and safetensors only (nothing is unpickled). The model is
+    returned in eval mode on ``device`` (default: the CPU).
+    """
+    folder = _check_checkpoint_dir(path)
+    if not (folder / "tokenizer_config.json").is_file():
+        raise ValueError(f"path: expected a tokenizer (tokenizer_config.json) beside the model in {str(path)!r}, found none")
+    with _no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata`` dict saved with a checkpoint (an empty dict if none was saved)."""
+    file = _check_checkpoint_dir(path) / METADATA_FILE
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def config_dict(config: ModelConfig) -> dict[str, Any]:
+    """``config`` as a plain dict, e.g. for the checkpoint metadata."""
+    return asdict(config)
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence ``model`` can attend over (GPT-2's ``n_positions``), or None if it has no fixed limit."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions 0, 1, 2, ... counted over the real tokens of each row only; padding gets position 0.
+
+    With left padding, ``[PAD PAD a b]`` gets positions ``[0 0 0 1]``, so ``a`` sits at position 0 exactly as
+    when the row is fed alone. (``generate`` computes positions the same way.)
+    """
+    positions = attention_mask.long().cumsum(dim=-1) - 1  # (B, L)
+    return positions.clamp(min=0)  # (B, L)
+
+
+def sequence_logprobs(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, *, temperature: float = 1.0
+) -> Tensor:
+    """log π(a_t | s_t) of every token after the first, from one forward pass: shape (B, L - 1).
+
+    | symbol | argument | shape |
+    |---|---|---|
+    | the token sequences (prompt and response), left- or right-padded | ``input_ids`` | (B, L) |
+    | 1 on real tokens, 0 on padding | ``attention_mask`` | (B, L) |
+    | log π(a_t \\| s_t) for a_t = ``input_ids[:, t + 1]`` | returned | (B, L - 1) |
+
+    Entry ``[b, t]`` is the log-probability of token ``t + 1`` of row ``b`` given tokens ``0..t``; it is 0
+    where that token is padding, and where the token before it is padding (a row's first real token has no
+    context to be predicted from). Positions come from the attention mask, so a left-padded row gets the same
+    log-probs as the same row alone. ``temperature`` divides the logits first (1 gives the model's own π; use
+    the sampler's temperature to score tokens under the distribution they were drawn from). Gradients flow.
+    """
+    check_tensor("input_ids", input_ids, ndim=2, floating=False)
+    check_tensor("attention_mask", attention_mask, ndim=2, floating=False)
+    if input_ids.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"input_ids: expected integer token ids, got dtype {input_ids.dtype}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"attention_mask: expected only 0 and 1, got values {attention_mask.unique()[:6].tolist()}")
+    length = input_ids.shape[1]
+    if length < 2:
+        raise ValueError(f"input_ids: expected at least 2 tokens per row, got shape {tuple(input_ids.shape)}")
+    limit = context_length(model)
+    if limit is not None and length > limit:
+        raise ValueError(f"input_ids: expected at most {limit} tokens (the model's context), got {length}")
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+        raise ValueError(
+            f"input_ids: expected token ids in [0, {vocab_size}), got range [{int(input_ids.min())}, {int(input_ids.max())}]"
+        )
+    temperature = check_positive("temperature", temperature)
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    device = model.get_input_embeddings().weight.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).logits  # (B, L, V)
+    # logits[:, t] has seen tokens 0..t and scores token t + 1
+    logp = token_logp(logits[:, :-1].float() / temperature, input_ids[:, 1:])  # (B, L-1)
+    # keep an entry only if both the scored token and the one before it are real (not padding)
+    scored = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)  # (B, L-1)
+    return torch.where(scored, logp, torch.zeros_like(logp))  # (B, L-1)

@@ -1,0 +1,360 @@
+"""Sampling responses: the paper's Figure 1 (feed each generated token back in, one at a time) as a short loop.
+
+``sample`` turns a batch of prompts into a ``Rollout``: the sampled response tokens, a mask of which of them
+belong to the response, and log π(a_t | s_t) of each sampled token. Every RL chapter starts its step here.
+
+The loop keeps a KV cache: the keys and values of tokens already seen are computed once and reused, so each
+step costs one token's forward pass instead of the whole sequence's. For GPT-2 models the step runs through
+``LeanGPT2``, GPT-2's forward pass written out over the *same* weights (nothing copied) with a preallocated
+cache; at our tiny sizes the per-call overhead of the general ``transformers`` forward dominates, and the lean
+forward is faster (see ``benchmarks/README.md``). ``tests/test_rollout.py`` proves that its logits equal the
+``transformers`` logits. Any other ``AutoModelForCausalLM`` goes through its own forward with its own cache.
+
+Shape legend: B batch, T tokens, V vocabulary; P is the (left-padded) prompt length, N the response length,
+S = P + N the cache length, C the embedding width, H heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlmt_edu.losses._checks import check_choice, check_positive
+from rlmt_edu.model import context_length, position_ids_from_mask, sequence_logprobs
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts and the responses sampled for them.
+
+    ``prompt_ids`` are LEFT-padded, so every prompt ends at column P - 1 and every response starts at column
+    P of ``sequences()``. Responses are right-padded after their ``<EOS>`` (which belongs to the response).
+    """
+
+    prompt_ids: Tensor
+    """(B, P) prompt tokens, left-padded with the pad id."""
+    prompt_mask: Tensor
+    """(B, P) 1 on real prompt tokens, 0 on padding."""
+    response_ids: Tensor
+    """(B, N) sampled tokens, the pad id after a row's <EOS>."""
+    response_mask: Tensor
+    """(B, N) 1 on sampled tokens up to and including <EOS>, 0 after it."""
+    logp: Tensor
+    """(B, N) log-prob of each sampled token under the distribution it was drawn from, 0 where masked."""
+    temperature: float = 1.0
+    """The temperature the tokens were drawn at: ``logp`` is under softmax(logits / temperature)."""
+
+    def sequences(self) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)`` of prompt + response, each (B, P + N): ready for one forward pass."""
+        input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)  # (B, P+N)
+        attention_mask = torch.cat([self.prompt_mask, self.response_mask], dim=1)  # (B, P+N)
+        return input_ids, attention_mask
+
+    @property
+    def response_slice(self) -> slice:
+        """Columns of ``sequence_logprobs(model, *self.sequences())`` (shape (B, P + N - 1)) that score the
+        response tokens: column P - 1 + t scores response token t."""
+        prompt_length = self.prompt_ids.shape[1]
+        return slice(prompt_length - 1, prompt_length - 1 + self.response_ids.shape[1])
+
+    @property
+    def response_lengths(self) -> Tensor:
+        """(B,) number of response tokens per row, <EOS> included."""
+        return self.response_mask.sum(dim=1)
+
+    def decode(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """The response texts, without special tokens (no <EOS>, no padding)."""
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(self.response_ids, self.response_mask)]
+        return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def policy_logprobs(model: PreTrainedModel, rollout: Rollout, *, temperature: float = 1.0) -> Tensor:
+    """log π(a_t | s_t) of the rollout's response tokens under ``model``, from ONE forward pass: (B, N).
+
+    | symbol | argument | shape |
+    |---|---|---|
+    | π, the policy being scored (e.g. the one being trained, or the reference) | ``model`` | |
+    | s_t, a_t: prompts and sampled response tokens | ``rollout`` | (B, P), (B, N) |
+    | log π(a_t \\| s_t), 0 where ``rollout.response_mask`` is 0 | returned | (B, N) |
+
+    Gradients flow into ``model``. With the sampling model and the sampling ``temperature`` this reproduces
+    ``rollout.logp`` (up to float rounding): that is what makes the first PPO ratio exactly 1.
+    """
+    if not isinstance(rollout, Rollout):
+        raise ValueError(f"rollout: expected a Rollout, got {type(rollout).__name__}")
+    input_ids, attention_mask = rollout.sequences()
+    logp = sequence_logprobs(model, input_ids, attention_mask, temperature=temperature)  # (B, P+N-1)
+    logp = logp[:, rollout.response_slice]  # (B, N)
+    return torch.where(rollout.response_mask.to(logp.device) != 0, logp, torch.zeros_like(logp))  # (B, N)
+
+
+def sample(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    eos_id: int | None,
+    pad_id: int,
+    backend: str = "auto",
+) -> Rollout:
+    """Sample up to ``max_new_tokens`` tokens after each prompt, feeding each token back in (Figure 1).
+
+    - Prompts of different lengths are LEFT-padded into one batch (positions are counted over real tokens, so
+      padding changes nothing).
+    - Each step draws a_t ~ softmax(logits / temperature) with ``torch.multinomial`` (or takes the argmax
+      when ``greedy``), and records log softmax(logits / temperature)[a_t]; at ``temperature=1`` that is the
+      model's own log π(a_t | s_t).
+    - A row stops at ``eos_id`` (the <EOS> is part of its response, padding follows); the loop stops when every
+      row has stopped or after ``max_new_tokens``. ``eos_id=None`` never stops early.
+    - ``generator`` drives the draws: it must live on the model's device (e.g. ``torch.Generator("cuda")``
+      for a model on the GPU); None uses torch's global random state. Same generator seed, same samples.
+    - The model runs in eval mode (no dropout) and without gradients; its mode is restored afterwards.
+    - ``backend``: "auto" uses ``LeanGPT2`` for GPT-2 models and the model's own forward otherwise; "lean"
+      or "hf" force one of them.
+
+    Raises ``ValueError`` for empty prompts, token ids outside the vocabulary, a prompt longer than the
+    model's context, or a prompt + ``max_new_tokens`` that would not fit in it.
+    """
+    _check_sampling_arguments(model, prompts, max_new_tokens, temperature, greedy, generator, eos_id, pad_id, backend)
+    device = model.get_input_embeddings().weight.device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P), (B, P)
+    batch_size, prompt_length = prompt_ids.shape
+    limit = context_length(model)
+    if limit is not None and prompt_length + max_new_tokens > limit:
+        raise ValueError(
+            f"max_new_tokens: expected at most {limit - prompt_length} so that the longest prompt "
+            f"({prompt_length} tokens) plus the response fits the model's context of {limit}, got {max_new_tokens}"
+        )
+    use_lean = backend == "lean" or (backend == "auto" and LeanGPT2.supports(model))
+
+    # the outputs are allocated outside inference mode, so that they can enter a loss's autograd graph later
+    response_ids = torch.full((batch_size, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
+    response_mask = torch.zeros((batch_size, max_new_tokens), dtype=torch.long, device=device)  # (B, N)
+    logp = torch.zeros((batch_size, max_new_tokens), dtype=torch.float32, device=device)  # (B, N)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)  # (B,) rows that emitted <EOS>
+    next_position = prompt_mask.sum(dim=1, keepdim=True)  # (B, 1) position of each row's first response token
+    with _eval_mode_without_gradients(model):
+        step = (LeanGPT2 if use_lean else _CachedForward)(model, batch_size, prompt_length + max_new_tokens)
+        # Figure 1: read the prompt once (filling the KV cache) ...
+        logits = step(prompt_ids, position_ids_from_mask(prompt_mask), prompt_mask)  # (B, V) scores for token 0
+        for t in range(max_new_tokens):
+            scaled = logits.float() / temperature  # (B, V)
+            logprobs = torch.log_softmax(scaled, dim=-1)  # (B, V)
+            if greedy:
+                token = scaled.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                probs = torch.softmax(scaled, dim=-1)  # (B, V)
+                token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            # a row that already emitted <EOS> gets padding, masked out
+            token = token.masked_fill(finished[:, None], pad_id)  # (B, 1)
+            response_ids[:, t] = token[:, 0]
+            response_mask[:, t] = (~finished).long()
+            logp[:, t] = logprobs.gather(-1, token)[:, 0].masked_fill(finished, 0.0)
+            if eos_id is not None:
+                finished |= token[:, 0] == eos_id
+            if t + 1 == max_new_tokens or bool(finished.all()):
+                break
+            # ... then feed each chosen token back in, one at a time (padding of finished rows is harmless)
+            logits = step(token, next_position + t, torch.ones_like(token))  # (B, V)
+    n = t + 1  # the loop stops early once every row has emitted <EOS>
+    return Rollout(prompt_ids, prompt_mask, response_ids[:, :n], response_mask[:, :n], logp[:, :n], float(temperature))
+
+
+@contextmanager
+def _eval_mode_without_gradients(model: PreTrainedModel) -> Iterator[None]:
+    """Sample with dropout off and no autograd bookkeeping; give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():  # like no_grad, and ~10% faster per step at batch 8 on a CPU
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_sampling_arguments(model, prompts, max_new_tokens, temperature, greedy, generator, eos_id, pad_id, backend):
+    device = model.get_input_embeddings().weight.device
+    vocab_size = model.get_input_embeddings().num_embeddings
+    _check_prompts(prompts, vocab_size, context_length(model))
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    check_positive("temperature", temperature)
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if not isinstance(greedy, bool):
+        raise ValueError(f"greedy: expected True or False, got {greedy!r}")
+    for name, token_id in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if token_id is None and name == "eos_id":
+            continue
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size:
+            raise ValueError(f"{name}: expected a token id in [0, {vocab_size}), got {token_id!r}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(
+                f"generator: expected a generator on the model's device {device.type!r}, got one on "
+                f"{generator.device.type!r} (create it with torch.Generator({device.type!r}))"
+            )
+    check_choice("backend", backend, ("auto", "lean", "hf"))
+    if backend == "lean" and not LeanGPT2.supports(model):
+        raise ValueError(f"backend: 'lean' needs a GPT2LMHeadModel, got {type(model).__name__}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Stack token lists of different lengths into (B, P) ids and mask, padding on the LEFT.
+
+    Left padding lines up the ends of the prompts, so the next token of every row is predicted at the same
+    column and the generated tokens of all rows land in the same columns.
+    """
+    longest = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)  # (B, P)
+    prompt_mask = torch.zeros((len(prompts), longest), dtype=torch.long)  # (B, P)
+    for row, ids in enumerate(prompts):
+        prompt_ids[row, longest - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
+        prompt_mask[row, longest - len(ids):] = 1
+    return prompt_ids.to(device), prompt_mask.to(device)
+
+
+def _check_prompts(prompts: object, vocab_size: int, limit: int | None) -> None:
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+        raise ValueError(f"prompts: expected a non-empty list of token-id lists, got {prompts!r:.80}")
+    for row, ids in enumerate(prompts):
+        if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)) or len(ids) == 0:
+            raise ValueError(f"prompts: expected every prompt to be a non-empty list of token ids, got {ids!r:.80} at index {row}")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+            raise ValueError(f"prompts: expected token ids in [0, {vocab_size}), got {list(ids)!r:.80} at index {row}")
+        if limit is not None and len(ids) > limit:
+            raise ValueError(
+                f"prompts: expected prompts of at most {limit} tokens (the model's context), got {len(ids)} at index {row}"
+            )
+
+
+class _CachedForward:
+    """One sampling step through the model's own forward and its own KV cache (any causal LM)."""
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, max_length: int):
+        self.model = model
+        self.cache = None
+        self.key_mask = torch.zeros((batch_size, max_length), dtype=torch.long,
+                                    device=model.get_input_embeddings().weight.device)  # (B, S)
+        self.length = 0
+
+    def __call__(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor) -> Tensor:
+        start, end = self.length, self.length + input_ids.shape[1]
+        self.key_mask[:, start:end] = mask
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self.key_mask[:, :end],
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache, self.length = out.past_key_values, end
+        return out.logits[:, -1]  # (B, V)
+
+
+class LeanGPT2:
+    """GPT-2's forward pass written out over a ``GPT2LMHeadModel``'s own weights, with a preallocated KV cache.
+
+    The same computation as ``transformers``' GPT-2 (``tests/test_rollout.py`` checks the logits agree to
+    1e-5), without its per-call machinery, which dominates the cost of one token on a tiny model. It reads the
+    module's parameters when called and copies nothing, so it always sees the current weights. Inference only:
+    no dropout, no gradients needed.
+
+    Calling it with ``(input_ids, position_ids, mask)`` appends T tokens to the cache and returns the logits of
+    the last one: call it once with the whole (left-padded) prompt, then once per generated token.
+    """
+
+    def __init__(self, model: GPT2LMHeadModel, batch_size: int, max_length: int):
+        if not self.supports(model):
+            raise ValueError(f"model: expected a GPT2LMHeadModel, got {type(model).__name__}")
+        config = model.config
+        self.model = model
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        weight = model.transformer.wte.weight
+        # keys and values of every token seen so far, per layer: kv_cache[layer, 0] keys, kv_cache[layer, 1] values
+        self.kv_cache = weight.new_zeros((config.n_layer, 2, batch_size, self.n_head, max_length, self.head_dim))
+        self.key_mask = torch.zeros((batch_size, max_length), dtype=torch.bool, device=weight.device)  # (B, S)
+        self.length = 0  # cache slots filled so far
+        # GPT-2's "gelu_new" is the tanh approximation of GELU; torch has it as one fused kernel
+        self.fused_gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+
+    @staticmethod
+    def supports(model: object) -> bool:
+        """True for a plain GPT-2 language model (no cross-attention, no upcast-and-reorder attention)."""
+        return (
+            isinstance(model, GPT2LMHeadModel)
+            and not model.config.add_cross_attention
+            and not model.config.reorder_and_upcast_attn
+        )
+
+    def __call__(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor) -> Tensor:
+        return self.forward(input_ids, position_ids, mask)[:, -1]  # (B, V)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor, *, all_logits: bool = False) -> Tensor:
+        """Append ``input_ids`` (B, T) at ``position_ids`` (B, T) to the cache; ``mask`` (B, T) is 0 on padding.
+
+        Returns the logits (B, T, V) if ``all_logits``, else those of the last token only, (B, 1, V).
+        """
+        batch_size, n_new = input_ids.shape
+        start, end = self.length, self.length + n_new
+        if end > self.kv_cache.shape[4]:
+            raise ValueError(f"input_ids: the cache holds {self.kv_cache.shape[4]} tokens, {end} requested")
+        trunk = self.model.transformer
+        self.key_mask[:, start:end] = mask.bool()
+        attn_mask = self._attention_mask(start, end)  # (B, 1, T, S)
+
+        x = F.embedding(input_ids, trunk.wte.weight) + F.embedding(position_ids, trunk.wpe.weight)  # (B, T, C)
+        width = x.shape[-1]
+        for layer, block in enumerate(trunk.h):
+            # attention sub-block: x + c_proj(attention(ln_1(x)))
+            h = F.layer_norm(x, (width,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)  # (B, T, C)
+            qkv = _conv1d(h, block.attn.c_attn)  # (B, T, 3C): queries | keys | values
+            qkv = qkv.view(batch_size, n_new, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, C/H)
+            cache = self.kv_cache[layer]  # (2, B, H, S, C/H)
+            cache[:, :, :, start:end] = qkv[1:]  # store the new keys and values
+            y = F.scaled_dot_product_attention(
+                qkv[0], cache[0, :, :, :end], cache[1, :, :, :end], attn_mask=attn_mask, scale=block.attn.scaling
+            )  # (B, H, T, C/H)
+            y = y.transpose(1, 2).reshape(batch_size, n_new, width)  # (B, T, C)
+            x = x + _conv1d(y, block.attn.c_proj)  # (B, T, C)
+            # MLP sub-block: x + c_proj(gelu(c_fc(ln_2(x))))
+            h = F.layer_norm(x, (width,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)  # (B, T, C)
+            h = _conv1d(h, block.mlp.c_fc)  # (B, T, 4C)
+            h = F.gelu(h, approximate="tanh") if self.fused_gelu else block.mlp.act(h)  # (B, T, 4C)
+            x = x + _conv1d(h, block.mlp.c_proj)  # (B, T, C)
+        self.length = end
+        if not all_logits:
+            x = x[:, -1:]  # (B, 1, C) only the last token's next-token scores are needed for sampling
+        x = F.layer_norm(x, (width,), trunk.ln_f.weight, trunk.ln_f.bias, trunk.ln_f.eps)
+        return F.linear(x, self.model.lm_head.weight)  # (B, T, V) tied to wte
+
+    def _attention_mask(self, start: int, end: int) -> Tensor:
+        """(B, 1, T, S) True where new token i (cache slot start + i) may attend to slot j."""
+        slots = torch.arange(end, device=self.key_mask.device)  # (S,)
+        query_slots = slots[start:end, None]  # (T, 1)
+        # causal (no peeking at later slots) and never at padding ...
+        allowed = (slots <= query_slots) & self.key_mask[:, None, :end]  # (B, T, S)
+        # ... but a padding token may attend to itself: a row with nothing to attend to gives NaN in older
+        # torch versions, and a NaN value in a padding slot would leak into real rows (0 weight x NaN = NaN)
+        allowed |= slots == query_slots  # (B, T, S)
+        return allowed[:, None]  # (B, 1, T, S)
+
+
+def _conv1d(x: Tensor, layer: torch.nn.Module) -> Tensor:
+    """GPT-2's ``Conv1D`` is a linear layer whose weight is stored (in, out): x @ W + b."""
+    out = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight)  # (B*T, out)
+    return out.view(*x.shape[:-1], -1)  # (B, T, out)
