@@ -9,9 +9,8 @@ here is specific to the paper's algorithms: this is the machinery they share.
 - ``sequence_logprobs``: log π(a_t | s_t) of every token of a batch after the first, in one forward pass,
   correct for left-padded rows too.
 
-Later chapters add a critic (a scalar per token) and a reward model (a scalar on the last token); both are the
-same trunk (``model.transformer``) with a small head, so they can reuse ``ModelConfig`` and
-``position_ids_from_mask`` below.
+- ``build_value_model`` / ``build_reward_model``: the same GPT-2 trunk, loaded from a checkpoint, with a
+  scalar head: one value per token (the critic, §4.2) or one reward per text (the reward model, §4.4).
 
 Shape legend: B batch, T tokens, V vocabulary (L is a full sequence length: prompt and response).
 """
@@ -28,9 +27,12 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2ForTokenClassification,
     GPT2LMHeadModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -169,15 +171,15 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _check_checkpoint_dir(path: str | Path) -> Path:
+def _check_checkpoint_dir(path: str | Path, argument: str = "path") -> Path:
     folder = Path(path)
     if not folder.is_dir():
-        raise ValueError(f"path: expected an existing checkpoint folder, got {str(path)!r} (no such folder)")
+        raise ValueError(f"{argument}: expected an existing checkpoint folder, got {str(path)!r} (no such folder)")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"path: expected a model checkpoint with config.json, got {str(path)!r} without one")
+        raise ValueError(f"{argument}: expected a model checkpoint with config.json, got {str(path)!r} without one")
     if not any((folder / name).is_file() for name in _WEIGHT_FILES):
         raise ValueError(
-            f"path: expected safetensors weights ({' or '.join(_WEIGHT_FILES)}) in {str(path)!r}, found none"
+            f"{argument}: expected safetensors weights ({' or '.join(_WEIGHT_FILES)}) in {str(path)!r}, found none"
         )
     return folder
 
@@ -192,13 +194,63 @@ def load_checkpoint(
     """
     folder = _check_checkpoint_dir(path)
     if not (folder / "tokenizer_config.json").is_file():
-        raise ValueError(f"path: expected a tokenizer (tokenizer_config.json) beside the model in {str(path)!r}, found none")
+        raise ValueError(
+            f"path: expected a tokenizer (tokenizer_config.json) beside the model in {str(path)!r}, found none"
+        )
     with _no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def build_value_model(
+    init: str | Path, *, device: str | torch.device | None = None, seed: int = 0
+) -> GPT2ForTokenClassification:
+    """A critic: the GPT-2 trunk of the checkpoint ``init`` with a linear head giving one scalar per token.
+
+    ``model(input_ids, attention_mask, position_ids=...).logits[..., 0]`` (B, T) is the value read at every
+    position. From a language-model checkpoint (e.g. the SFT model) the head is new, drawn from ``seed``;
+    from a folder where a value model was saved (``save_checkpoint``) the trained head is loaded. The head
+    has no dropout (``transformers`` would put 0.1 before it), so training and use see the same function.
+    """
+    return _scalar_head_model(GPT2ForTokenClassification, init, device, seed, classifier_dropout=0.0)
+
+
+def build_reward_model(
+    init: str | Path, *, device: str | torch.device | None = None, seed: int = 0
+) -> GPT2ForSequenceClassification:
+    """A reward model: the GPT-2 trunk of the checkpoint ``init`` with a linear head read at the last token.
+
+    ``model(input_ids, attention_mask).logits[:, 0]`` (B,) is one scalar per text, read at the rightmost
+    token that is not the pad id (``transformers``' rule: pad on the right, so that positions need no
+    correction). From a language-model checkpoint the head is new, drawn from ``seed``; from a folder where a
+    reward model was saved (``save_checkpoint``) the trained head is loaded.
+    """
+    model = _scalar_head_model(GPT2ForSequenceClassification, init, device, seed)
+    if model.config.pad_token_id is None:
+        raise ValueError(f"init: expected a checkpoint whose config has a pad_token_id, got none in {str(init)!r}")
+    return model
+
+
+def _scalar_head_model(model_class, init, device, seed: int, **config_overrides):
+    """``model_class.from_pretrained(init, num_labels=1)``, local safetensors only, the new head seeded."""
+    folder = _check_checkpoint_dir(init, argument="init")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    config = AutoConfig.from_pretrained(folder, num_labels=1, local_files_only=True)
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the head is new on purpose: no "newly initialized weights" notice
+    try:
+        with _no_progress_bars(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = model_class.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(device) if device is not None else model
 
 
 def load_metadata(path: str | Path) -> dict[str, Any]:
@@ -251,7 +303,8 @@ def sequence_logprobs(
         raise ValueError(f"input_ids: expected integer token ids, got dtype {input_ids.dtype}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
-            f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}"
         )
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError(f"attention_mask: expected only 0 and 1, got values {attention_mask.unique()[:6].tolist()}")
@@ -264,7 +317,8 @@ def sequence_logprobs(
     vocab_size = model.get_input_embeddings().num_embeddings
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
         raise ValueError(
-            f"input_ids: expected token ids in [0, {vocab_size}), got range [{int(input_ids.min())}, {int(input_ids.max())}]"
+            f"input_ids: expected token ids in [0, {vocab_size}), "
+            f"got range [{int(input_ids.min())}, {int(input_ids.max())}]"
         )
     temperature = check_positive("temperature", temperature)
     if not math.isfinite(temperature):

@@ -212,7 +212,9 @@ def _check_sampling_arguments(model, prompts, max_new_tokens, temperature, greed
         raise ValueError(f"backend: 'lean' needs a GPT2LMHeadModel, got {type(model).__name__}")
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
     """Stack token lists of different lengths into (B, P) ids and mask, padding on the LEFT.
 
     Left padding lines up the ends of the prompts, so the next token of every row is predicted at the same
@@ -232,12 +234,15 @@ def _check_prompts(prompts: object, vocab_size: int, limit: int | None) -> None:
         raise ValueError(f"prompts: expected a non-empty list of token-id lists, got {prompts!r:.80}")
     for row, ids in enumerate(prompts):
         if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)) or len(ids) == 0:
-            raise ValueError(f"prompts: expected every prompt to be a non-empty list of token ids, got {ids!r:.80} at index {row}")
+            raise ValueError(
+                f"prompts: expected every prompt to be a non-empty list of token ids, got {ids!r:.80} at index {row}"
+            )
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
             raise ValueError(f"prompts: expected token ids in [0, {vocab_size}), got {list(ids)!r:.80} at index {row}")
         if limit is not None and len(ids) > limit:
             raise ValueError(
-                f"prompts: expected prompts of at most {limit} tokens (the model's context), got {len(ids)} at index {row}"
+                f"prompts: expected prompts of at most {limit} tokens (the model's context), "
+                f"got {len(ids)} at index {row}"
             )
 
 

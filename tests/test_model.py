@@ -13,6 +13,8 @@ from rlmt_edu.model import (
     METADATA_FILE,
     ModelConfig,
     build_model,
+    build_reward_model,
+    build_value_model,
     config_dict,
     context_length,
     load_checkpoint,
@@ -234,6 +236,70 @@ def test_loading_something_that_is_not_a_checkpoint_names_path(tmp_path, tokeniz
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="path"):
         load_checkpoint(tmp_path / "a_file")
+
+
+# ---- critic and reward model: the same trunk with a scalar head ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory, tokenizer, model):
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("lm") / "ckpt")
+
+
+def test_value_model_is_the_trunk_with_a_seeded_dropout_free_head_per_token(lm_folder, tokenizer, model):
+    handler = _Collect()
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            critic = build_value_model(lm_folder)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert [str(w.message) for w in caught] == [] and handler.messages == []
+    for (name, p_lm), p_critic in zip(model.transformer.named_parameters(), critic.transformer.parameters()):
+        assert torch.equal(p_lm, p_critic), name
+    ids = torch.tensor([_ids(tokenizer, "<USER> a cat <MODEL> moo <EOS>")])
+    critic.train()  # no dropout anywhere: train mode gives the same values twice
+    values = critic(input_ids=ids).logits  # (1, T, 1)
+    assert values.shape == (1, ids.shape[1], 1)
+    torch.testing.assert_close(critic(input_ids=ids).logits, values, atol=0, rtol=0)
+    torch.manual_seed(9)
+    expected_next = torch.rand(2)
+    torch.manual_seed(9)
+    again, other = build_value_model(lm_folder), build_value_model(lm_folder, seed=1)
+    assert torch.equal(torch.rand(2), expected_next)  # the global RNG was left alone
+    assert torch.equal(again.classifier.weight, critic.classifier.weight)
+    assert not torch.equal(other.classifier.weight, critic.classifier.weight)
+
+
+def test_reward_model_reads_the_last_real_token_and_round_trips(lm_folder, tokenizer, tmp_path):
+    reward_model = build_reward_model(lm_folder)
+    short = _ids(tokenizer, "<USER> a cat <MODEL> moo <EOS>")
+    long = _ids(tokenizer, "<USER> a dog <MODEL> a dog says woof . <EOS>")
+    pad = tokenizer.pad_token_id
+    batch = torch.tensor([short + [pad] * (len(long) - len(short)), long])  # right-padded
+    mask = (torch.arange(len(long))[None] < torch.tensor([[len(short)], [len(long)]])).long()
+    with torch.no_grad():
+        rewards = reward_model(input_ids=batch, attention_mask=mask).logits[:, 0]  # (2,)
+        alone = reward_model(input_ids=torch.tensor([short])).logits[:, 0]
+    assert rewards.shape == (2,)
+    torch.testing.assert_close(rewards[0], alone[0], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        reward_model.score.weight.add_(0.5)  # "train" the head, then save and load it back
+    save_checkpoint(reward_model, tokenizer, tmp_path / "rm")
+    loaded = build_reward_model(tmp_path / "rm")
+    assert torch.equal(loaded.score.weight, reward_model.score.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=batch, attention_mask=mask).logits,
+                                   reward_model(input_ids=batch, attention_mask=mask).logits, atol=0, rtol=0)
+
+
+def test_scalar_head_models_reject_what_is_not_a_checkpoint(tmp_path, lm_folder):
+    for build in (build_value_model, build_reward_model):
+        with pytest.raises(ValueError, match="init.*no such folder"):
+            build(tmp_path / "missing")
+        with pytest.raises(ValueError, match="seed"):
+            build(lm_folder, seed=-1)
 
 
 # ---- per-token log-probs --------------------------------------------------------------------------------

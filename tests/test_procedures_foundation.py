@@ -45,7 +45,7 @@ def test_unigram_nll_of_a_uniform_stream_is_log_vocab():
 
 def test_sft_short_run_lowers_the_eq2_loss(tokenizer):
     model = build_model(tokenizer, SMALL, seed=0)
-    history = sft(model, tokenizer, sft_pairs()[:64], SFTConfig(steps=40, batch_size=16), progress=False)
+    history = sft(model, tokenizer, sft_pairs()[:64], SFTConfig(steps=40, batch_size=16, learning_rate=2e-3), progress=False)
     losses = history.series("loss/sft")[1]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 

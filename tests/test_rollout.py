@@ -78,7 +78,8 @@ def test_lean_forward_equals_hf_logits_step_by_step_with_the_cache(model, prompt
             step_logits.append(lean(token, positions, torch.ones_like(token)))
         full_ids = torch.cat([ids, new_tokens], 1)
         full_mask = torch.cat([mask, torch.ones_like(new_tokens)], 1)
-        full = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask)).logits
+        full_positions = position_ids_from_mask(full_mask)
+        full = model(input_ids=full_ids, attention_mask=full_mask, position_ids=full_positions).logits
     for t, logits in enumerate(step_logits):
         torch.testing.assert_close(logits, full[:, prompt_length - 1 + t], atol=1e-5, rtol=0)
 
