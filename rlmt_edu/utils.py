@@ -40,6 +40,19 @@ def choose_device(prefer: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Learning rate × factor: linear warm-up over ``warmup_steps``, then cosine decay to 10% at ``total_steps``."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class History(list):
     """A training run's record: a list of per-step metric dicts, e.g. ``{"step": 3, "loss/sft": 1.2}``.
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from rlmt_edu.losses.nll import sft_loss
 from rlmt_edu.model import ModelConfig, build_model, sequence_logprobs
-from rlmt_edu.utils import History, choose_device, seed_everything
+from rlmt_edu.utils import History, choose_device, seed_everything, warmup_cosine_schedule
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,7 @@ def pretrain(
     model = build_model(tokenizer, config.model, seed=config.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
-    def lr_factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress_ = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, config.steps)
     batches = torch.Generator().manual_seed(config.seed)
     offsets = torch.arange(config.window + 1)  # (W+1,)
     history = History()

@@ -7,7 +7,6 @@ only, so the model learns to answer questions rather than to write them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 from rlmt_edu.losses.nll import sft_loss
 from rlmt_edu.model import sequence_logprobs
 from rlmt_edu.tokenizer import batch_encode_chat
-from rlmt_edu.utils import History, seed_everything
+from rlmt_edu.utils import History, seed_everything, warmup_cosine_schedule
 
 
 @dataclass(frozen=True)
@@ -64,13 +63,7 @@ def sft(
     generator = seed_everything(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
-    def lr_factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress_ = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, config.steps)
     history = History()
     order = torch.randperm(len(pairs), generator=generator)
     cursor = 0
