@@ -7,7 +7,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,28 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, 
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices of mini-batches, without end: each epoch is a fresh permutation of ``range(n)`` drawn from
+    ``generator``, cut into ``batch_size`` rows; an epoch's incomplete last batch is skipped.
+
+    The first permutation is drawn at the call, the later ones when an epoch runs out, so a training loop that
+    takes ``next(batches)`` once per step uses ``generator`` in the same order as if it shuffled inline.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size: expected ints >= 1, got n={n!r}, batch_size={batch_size!r}")
+    first = torch.randperm(n, generator=generator)
+
+    def batches() -> Iterator[torch.Tensor]:
+        order, cursor = first, 0
+        while True:
+            if cursor + batch_size > n:  # a new epoch: reshuffle
+                order, cursor = torch.randperm(n, generator=generator), 0
+            yield order[cursor : cursor + batch_size]
+            cursor += batch_size
+
+    return batches()
 
 
 class History(list):

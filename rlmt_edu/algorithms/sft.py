@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from rlmt_edu.losses.nll import sft_loss
 from rlmt_edu.model import sequence_logprobs
 from rlmt_edu.tokenizer import batch_encode_chat
-from rlmt_edu.utils import History, seed_everything, warmup_cosine_schedule
+from rlmt_edu.utils import History, epoch_batches, seed_everything, warmup_cosine_schedule
 
 
 @dataclass(frozen=True)
@@ -65,15 +65,11 @@ def sft(
 
     scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, config.steps)
     history = History()
-    order = torch.randperm(len(pairs), generator=generator)
-    cursor = 0
+    batches = epoch_batches(len(pairs), config.batch_size, generator)
     model.train()
     bar = tqdm(range(config.steps), desc="sft", disable=not progress)
     for step in bar:
-        if cursor + config.batch_size > len(order):  # a new epoch: reshuffle
-            order, cursor = torch.randperm(len(pairs), generator=generator), 0
-        rows = order[cursor : cursor + config.batch_size]
-        cursor += config.batch_size
+        rows = next(batches)  # (B,)
         batch = {key: value[rows] for key, value in encoded.items()}
         length = int(batch["attention_mask"].sum(dim=1).max())  # trim padding shared by the whole batch
         input_ids = batch["input_ids"][:, :length].to(device)  # (B, T)
