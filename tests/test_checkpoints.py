@@ -35,13 +35,29 @@ def _as_dict(config):
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+# Re-running a recipe gives bit-identical metrics on the CPU, thread count and library versions that made the
+# checkpoint (see test_procedures_foundation.py for same-machine determinism). On another CPU, float rounding
+# differs in the 8th digit and a thousand optimiser steps amplify it: measured on two machines, the pretrained
+# model's held-out NLL came out 0.9684 and 0.9693. So these tests check that the recipe still makes a model of
+# the committed quality, within tolerances far tighter than any real change of recipe would stay inside.
+NLL_TOLERANCE = 0.01  # nats per token
+RATE_TOLERANCE = 0.1  # shares measured on a few dozen held-out prompts move in steps of a few points
+
+
+def assert_metrics_match(measured: dict, committed: dict) -> None:
+    assert measured.keys() == committed.keys()
+    for key, value in committed.items():
+        tolerance = NLL_TOLERANCE if ("nll" in key or key.startswith("loss/")) else RATE_TOLERANCE
+        assert measured[key] == pytest.approx(value, abs=tolerance), key
+
+
 @pytest.mark.slow
 def test_pretrain_command_reproduces_the_committed_checkpoint(tmp_path):
     meta = _metadata(PRETRAINED)
     config_dict = dict(meta["config"])
     config = PretrainConfig(**{**config_dict, "model": ModelConfig(**config_dict["model"])})
     _, _, metrics = run_pretrain(config, out=tmp_path / "pretrained", device="cpu", progress=False)
-    assert metrics == meta["metrics"]
+    assert_metrics_match(metrics, meta["metrics"])
 
 
 @pytest.mark.slow
@@ -49,4 +65,4 @@ def test_sft_command_reproduces_the_committed_checkpoint(tmp_path):
     meta = _metadata(SFT)
     config = SFTConfig(**meta["config"])
     _, _, metrics = run_sft(config, init=PRETRAINED, out=tmp_path / "sft", device="cpu", progress=False)
-    assert metrics == meta["metrics"]
+    assert_metrics_match(metrics, meta["metrics"])
