@@ -91,6 +91,170 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_reinforce(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlmt_edu import plots
+    from rlmt_edu.algorithms.critic import CriticConfig, build_critic, train_critic
+    from rlmt_edu.algorithms.reinforce import (
+        REWARDS, ReinforceConfig, gradient_variance, prompt_pool, reinforce)
+    from rlmt_edu.model import load_checkpoint
+    from rlmt_edu.utils import choose_device
+
+    config = _replace(ReinforceConfig(), steps=args.steps, seed=args.seed, baseline=args.baseline,
+                      prompts=args.prompts, reward=args.reward, learning_rate=args.lr,
+                      prompts_per_step=args.prompts_per_step)
+    model, tokenizer = load_checkpoint(args.init, device=choose_device(args.device))
+    device = next(model.parameters()).device
+    out = Path(args.out)
+    critic = None
+    if config.baseline == "critic" or args.gradient_variance:
+        critic = build_critic(args.init, device=device)
+        critic_config = CriticConfig(seed=config.seed, steps=args.critic_steps)
+        train_critic(critic, model, tokenizer, prompt_pool(config.prompts), critic_config,
+                     reward_fn=REWARDS[config.reward], progress=not args.quiet)
+    metrics = {"baseline": config.baseline, "reward": config.reward, "prompts": config.prompts}
+    if args.gradient_variance:
+        stats = gradient_variance(model, tokenizer, prompt_pool(config.prompts), reward_fn=REWARDS[config.reward],
+                                  baselines=("none", "mean", "critic"), critic=critic, seed=config.seed)
+        for name in ("none", "mean", "critic"):
+            metrics[f"grad_variance/{name}"] = stats[name]["variance"]
+            metrics[f"grad_cosine_to_none/{name}"] = stats[name]["cosine_to_none"]
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.bar(["none", "mean", "critic"], [stats[n]["variance"] for n in ("none", "mean", "critic")])
+        ax.set_ylabel("total gradient variance")
+        ax.set_title("one mini-batch's policy gradient")
+        plots.save_figure(fig, out / "gradient_variance.png")
+    history = reinforce(model, tokenizer, config, critic=critic, progress=not args.quiet)
+    history.to_json(out / f"reinforce_{config.baseline}.json")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    plots.plot_history(history, ["reward/mean"], ax=axes[0], smooth=5, title="sampled reward", ylabel="R")
+    plots.plot_history(history, ["eval/gold_score", "eval/accuracy"], ax=axes[1], title="held-out, greedy")
+    plots.save_figure(fig, out / f"reinforce_{config.baseline}.png")
+    rewards = history.series("reward/mean")[1]
+    metrics.update({
+        "reward/first_10_steps": sum(rewards[:10]) / len(rewards[:10]),
+        "reward/last_10_steps": sum(rewards[-10:]) / len(rewards[-10:]),
+        "eval/gold_score_before": history.series("eval/gold_score")[1][0],
+        "eval/gold_score_after": history.last("eval/gold_score"),
+        "eval/accuracy_before": history.series("eval/accuracy")[1][0],
+        "eval/accuracy_after": history.last("eval/accuracy"),
+    })
+    _print_table(f"REINFORCE ({config.baseline} baseline); plots in {out}", metrics)
+    return 0
+
+
+def cmd_preference_data(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlmt_edu import plots
+    from rlmt_edu.algorithms.preference_data import (
+        PreferenceDataConfig, generate_preference_data, length_spread, write_preference_data)
+    from rlmt_edu.model import load_checkpoint
+
+    config = _replace(PreferenceDataConfig(), seed=args.seed, samples_per_question=args.samples_per_question,
+                      temperature=args.temperature)
+    model, tokenizer = load_checkpoint(args.init, device=args.device)  # CPU by default: the committed bytes
+    records = generate_preference_data(model, tokenizer, config, progress=not args.quiet)
+    for path in write_preference_data(records, args.out):
+        print(f"wrote {path}")
+    metrics = {"pairs/train": len(records["train"]), "pairs/heldout": len(records["heldout"]),
+               **{k: v for k, v in length_spread(records["train"]).items() if k != "pairs"}}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    lengths = [len(r[k].split()) for r in records["train"] for k in ("response_i", "response_j")]
+    gaps = [len(r["chosen"].split()) - len(r["rejected"].split()) for r in records["train"]]
+    axes[0].hist(lengths, bins=range(0, 26))
+    axes[0].set_xlabel("response length (words)")
+    axes[1].hist(gaps, bins=range(-24, 26))
+    axes[1].set_xlabel("length of chosen - length of rejected")
+    plots.save_figure(fig, Path(args.plots) / "preference_lengths.png")
+    _print_table(f"preference pairs from {args.init}; plot in {args.plots}", metrics)
+    return 0
+
+
+def cmd_reward_model(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from transformers import AutoTokenizer
+
+    from rlmt_edu import plots
+    from rlmt_edu.algorithms.preference_data import load_preference_pairs
+    from rlmt_edu.algorithms.reward_model import (
+        REWARD_MODEL_CONFIG, plot_length_bias, response_table, run_reward_model)
+    from rlmt_edu.utils import choose_device
+
+    config = _replace(REWARD_MODEL_CONFIG, steps=args.steps, seed=args.seed)
+    model, history, metrics = run_reward_model(config, init=args.init, out=Path(args.out),
+                                               device=choose_device(args.device), progress=not args.quiet)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
+    plots.plot_history(history, ["loss/reward_model"], ax=axes[0], smooth=10, title="Eq. 6 loss")
+    plots.plot_history(history, ["heldout/accuracy", "heldout/gold_accuracy"], ax=axes[1],
+                       labels=["vs labels", "vs gold"], title="held-out pairwise accuracy")
+    tokenizer = AutoTokenizer.from_pretrained(args.out, local_files_only=True)
+    plot_length_bias(response_table(model, tokenizer, load_preference_pairs("heldout")), ax=axes[2])
+    plots.save_figure(fig, Path(args.plots) / "reward_model.png")
+    _print_table(f"reward model saved to {args.out}; plots in {args.plots}", metrics)
+    return 0
+
+
+def cmd_rejection_sampling(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlmt_edu import plots
+    from rlmt_edu.algorithms.rejection_sampling import RejectionSamplingConfig, plot_rounds, rejection_sampling
+    from rlmt_edu.model import load_checkpoint
+    from rlmt_edu.utils import choose_device
+
+    config = _replace(RejectionSamplingConfig(), ranker=args.ranker, rounds=args.rounds, seed=args.seed,
+                      prompts_per_round=args.prompts_per_round, group_size=args.group_size,
+                      temperature=args.temperature, sft_steps=args.sft_steps, learning_rate=args.lr)
+    model, tokenizer = load_checkpoint(args.init, device=choose_device(args.device))
+    device = next(model.parameters()).device
+    out = Path(args.out)
+    metrics = {"ranker": config.ranker}
+    preference_model = None
+    if config.ranker == "preference_model":
+        from rlmt_edu.algorithms.preference_data import load_preference_pairs
+        from rlmt_edu.algorithms.preference_model import (
+            PreferenceModelConfig, build_preference_model, train_preference_model)
+
+        preference_model = build_preference_model(args.init, device=device)
+        pm_history = train_preference_model(
+            preference_model, tokenizer, load_preference_pairs("train"),
+            _replace(PreferenceModelConfig(), steps=args.pm_steps, seed=config.seed),
+            heldout=load_preference_pairs("heldout"), progress=not args.quiet)
+        pm_history.to_json(out / "preference_model.json")
+        fig, ax = plt.subplots(figsize=(5, 3.3))
+        plots.plot_history(pm_history, ["preference/bce"], ax=ax, smooth=20, title="§3 binary cross entropy")
+        plots.save_figure(fig, out / "preference_model_bce.png")
+        metrics["pm/heldout_accuracy_labels"] = pm_history.last("preference/heldout_accuracy_labels")
+        metrics["pm/heldout_accuracy_gold"] = pm_history.last("preference/heldout_accuracy_gold")
+    history = rejection_sampling(model, tokenizer, config, preference_model=preference_model,
+                                 progress=not args.quiet)
+    history.to_json(out / f"rejection_sampling_{config.ranker}.json")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.3))
+    plot_rounds({config.ranker: history}, axes=axes)
+    plots.save_figure(fig, out / f"rejection_sampling_{config.ranker}.png")
+    first, last = history[0], history[-1]
+    metrics["winners/correct_share (round 0)"] = first["winners/correct_share"]
+    for key in ("samples/gold", "samples/correct_share", "diversity/distinct", "diversity/token_entropy",
+                "eval/gold", "eval/accuracy"):
+        metrics[f"{key} (round 0 -> {config.rounds})"] = f"{first[key]:.3f} -> {last[key]:.3f}"
+    _print_table(f"rejection sampling ({config.ranker} ranker); plots in {out}", metrics)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlmt-edu", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +276,63 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sft":
             p.add_argument("--init", default=str(CHECKPOINTS / "pretrained"), help="checkpoint to start from")
         p.set_defaults(func=cmd_pretrain if name == "pretrain" else cmd_sft)
+
+    p = sub.add_parser("reinforce", help="REINFORCE from the SFT checkpoint, with or without a baseline (chapters 03-04)")
+    p.add_argument("--init", default=str(CHECKPOINTS / "sft"), help="checkpoint to start from")
+    p.add_argument("--baseline", choices=("none", "mean", "critic"), default=None, help="default: mean")
+    p.add_argument("--reward", choices=("gold", "exact_match"), default=None, help="default: gold")
+    p.add_argument("--prompts", choices=("train_pool", "math", "facts", "safety"), default=None,
+                   help="prompt pool (default: train_pool, every category)")
+    p.add_argument("--steps", type=int, default=None, help="policy updates (default: the chapter's)")
+    p.add_argument("--prompts-per-step", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="policy learning rate")
+    p.add_argument("--critic-steps", type=int, default=60, help="critic pre-fit steps (baseline critic)")
+    p.add_argument("--gradient-variance", action="store_true",
+                   help="first measure the gradient variance of each baseline at the start policy")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=str(REPO / "runs" / "reinforce"), help="folder for plots (default: runs/reinforce)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_reinforce)
+
+    p = sub.add_parser("preference-data", help="sample, pair and label responses of the SFT model (chapter 05 data)")
+    p.add_argument("--init", default=str(CHECKPOINTS / "sft"), help="checkpoint to sample from")
+    p.add_argument("--out", default=str(REPO / "data"), help="folder for the two JSONL files (default: data/)")
+    p.add_argument("--plots", default=str(REPO / "runs" / "preference_data"), help="folder for the plot")
+    p.add_argument("--samples-per-question", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="default cpu: the committed files were sampled on the CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_preference_data)
+
+    p = sub.add_parser("reward-model", help="train the reward model of chapter 05 on the preference pairs")
+    p.add_argument("--init", default=str(CHECKPOINTS / "sft"), help="checkpoint whose trunk starts the model")
+    p.add_argument("--out", default=str(CHECKPOINTS / "reward_model"), help="checkpoint folder")
+    p.add_argument("--plots", default=str(REPO / "runs" / "reward_model"), help="folder for the plots")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the chapter's)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_reward_model)
+
+    p = sub.add_parser("rejection-sampling", help="rounds of §3's sample / rank / keep / SFT loop (chapter 02)")
+    p.add_argument("--init", default=str(CHECKPOINTS / "sft"), help="checkpoint to start from")
+    p.add_argument("--ranker", choices=("gold", "labeller", "preference_model"), default=None,
+                   help="who picks the best of G (default: gold); preference_model first trains one on the pairs")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--prompts-per-round", type=int, default=None)
+    p.add_argument("--group-size", type=int, default=None, help="G, samples per prompt (at least 2)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps per round")
+    p.add_argument("--lr", type=float, default=None, help="SFT learning rate")
+    p.add_argument("--pm-steps", type=int, default=None, help="preference-model training steps")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=str(REPO / "runs" / "rejection_sampling"),
+                   help="folder for plots and histories (default: runs/rejection_sampling)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_rejection_sampling)
 
     p = sub.add_parser("chat", help="ask a checkpoint questions")
     p.add_argument("--checkpoint", default=str(CHECKPOINTS / "sft"), help="checkpoint folder")

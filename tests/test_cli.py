@@ -38,3 +38,41 @@ def test_chat_with_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_chat_rejects_an_unknown_special_token(capsys):
     assert main(["chat", "--question", "what is <FOO> ?"]) == 2
     assert "<FOO>" in capsys.readouterr().err
+
+
+# ---- the chapter 02-05 commands: a tiny run each, to prove they run, print a table and save their plots ----
+
+
+def test_reinforce_command_prints_metrics_and_saves_plots(tmp_path, capsys):
+    code = main(["reinforce", "--steps", "2", "--prompts-per-step", "4", "--prompts", "facts", "--quiet",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "REINFORCE (mean baseline)" in printed and "eval/gold_score_after" in printed
+    assert (tmp_path / "reinforce_mean.png").stat().st_size > 0
+    assert (tmp_path / "reinforce_mean.json").is_file()
+
+
+def test_rejection_sampling_command_prints_metrics_and_saves_plots(tmp_path, capsys):
+    code = main(["rejection-sampling", "--rounds", "1", "--prompts-per-round", "4", "--group-size", "2",
+                 "--sft-steps", "1", "--quiet", "--out", str(tmp_path)])
+    assert code == 0
+    assert "rejection sampling (gold ranker)" in capsys.readouterr().out
+    assert (tmp_path / "rejection_sampling_gold.png").stat().st_size > 0
+
+
+def test_rejection_sampling_command_rejects_a_group_of_one(tmp_path, capsys):
+    assert main(["rejection-sampling", "--group-size", "1", "--quiet", "--out", str(tmp_path)]) == 2
+    assert "group_size" in capsys.readouterr().err
+
+
+def test_reward_model_command_saves_a_loadable_checkpoint(tmp_path, capsys):
+    from rlmt_edu.algorithms.reward_model import load_reward_model
+
+    out, plots = tmp_path / "rm", tmp_path / "plots"
+    code = main(["reward-model", "--steps", "2", "--quiet", "--out", str(out), "--plots", str(plots)])
+    assert code == 0
+    assert "reward model saved to" in capsys.readouterr().out
+    assert (plots / "reward_model.png").stat().st_size > 0
+    model, _ = load_reward_model(out)
+    assert model.config.num_labels == 1

@@ -1,0 +1,189 @@
+"""Chapter 05: the reward model of §4.4 (Eq. 5–6) learns the labelled preferences, and their length bias."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rlmt_edu.algorithms.preference_data import PreferencePair, load_preference_pairs
+from rlmt_edu.algorithms.reward_model import (
+    REWARD_MODEL_DIR,
+    RewardModelConfig,
+    check_vocabulary,
+    encode_texts,
+    evaluate_reward_model,
+    length_bias,
+    load_reward_model,
+    reward_model_from_checkpoint,
+    score_responses,
+    train_reward_model,
+)
+from rlmt_edu.chapters import SFT
+from rlmt_edu.model import ModelConfig, build_model, save_checkpoint
+from rlmt_edu.tokenizer import build_tokenizer
+from rlmt_edu.world.tasks import Question
+from rlmt_edu.world.vocab import vocabulary, world_tokenizer
+
+MATH = Question("math", "what is 3 plus 4 ?", "3 plus 4 is 7 .")
+TINY = ModelConfig(n_layer=1, n_head=1, n_embd=8, n_positions=64)
+
+
+# ---- learning ---------------------------------------------------------------------------------------------
+
+
+def test_a_short_run_learns_the_preferences():
+    """40 steps on 640 pairs: the loss falls and held-out accuracy (labels and gold) rises above chance."""
+    train = load_preference_pairs("train")[::5][:640]
+    heldout = load_preference_pairs("heldout")[::2][:240]
+    config = RewardModelConfig(steps=40, batch_size=16, warmup_steps=5, eval_every=40)  # the recipe's lr, 1e-3
+    model, history = train_reward_model(train, config, heldout=heldout, device="cpu", progress=False)
+    losses = history.series("loss/reward_model")[1]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
+    _, accuracy = history.series("heldout/accuracy")
+    _, gold_accuracy = history.series("heldout/gold_accuracy")
+    # an untrained head ranks at about chance; 240 held-out pairs: chance ± 0.032 (1 sd), so > 0.58 is > 2.5 sd.
+    # (measured: 0.478 -> 0.616 vs labels, 0.504 -> 0.610 vs gold; with lr 2e-4 it reached only 0.525 vs gold)
+    assert accuracy[0] < 0.55
+    assert accuracy[-1] > 0.58 and accuracy[-1] > accuracy[0] + 0.1
+    assert gold_accuracy[-1] > 0.58 and gold_accuracy[-1] > gold_accuracy[0] + 0.05
+    # Eq. (5) (chosen first, hp = 1; or in the recorded order with the recorded hp) equals Eq. (6) every step
+    for key in ("loss/reward_function_eq5", "loss/reward_function_eq5_ij"):
+        assert history.series(key)[1] == pytest.approx(losses, abs=1e-5)
+
+
+def test_training_is_deterministic_in_the_seed():
+    train = load_preference_pairs("train")[:64]
+    config = RewardModelConfig(steps=3, batch_size=8, eval_every=3)
+    _, first = train_reward_model(train, config, device="cpu", progress=False)
+    _, second = train_reward_model(train, config, device="cpu", progress=False)
+    assert first.series("loss/reward_model") == second.series("loss/reward_model")
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+def test_training_rejects_bad_pairs_naming_the_item():
+    good = PreferencePair(MATH, "3 plus 4 is 7 .", "3 plus 4 is 8 .", hp=1).to_record()
+    same = dict(good, response_j=good["response_i"])
+    with pytest.raises(ValueError, match=r"pairs\[1\].*response_j"):
+        train_reward_model([good, same], RewardModelConfig(steps=1), progress=False)
+    different_prompts = ("<USER> what is 3 plus 4 ? <MODEL> 7 . <EOS>", "<USER> what is 3 plus 5 ? <MODEL> 8 . <EOS>")
+    with pytest.raises(ValueError, match=r"heldout\[0\].*prompt"):
+        train_reward_model([good], RewardModelConfig(steps=1), heldout=[different_prompts], progress=False)
+    with pytest.raises(ValueError, match="pairs"):
+        train_reward_model([], RewardModelConfig(steps=1), progress=False)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("steps", 0), ("batch_size", 0), ("learning_rate", 0.0), ("learning_rate", float("nan")),
+     ("weight_decay", -1.0), ("eval_every", 0), ("max_grad_norm", 0.0), ("seed", -1)],
+)
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        RewardModelConfig(**{field: value})
+
+
+def test_checkpoint_of_another_vocabulary_is_rejected(tmp_path):
+    other = build_tokenizer(["apple", "pear", "plum"])
+    save_checkpoint(build_model(other, TINY), other, tmp_path / "other")
+    with pytest.raises(ValueError, match="init.*vocabulary"):
+        reward_model_from_checkpoint(tmp_path / "other")
+
+
+def test_checkpoint_whose_tokenizer_does_not_fit_its_model_is_rejected(tmp_path):
+    world = world_tokenizer()
+    bigger = build_tokenizer([*vocabulary(), "dragon"])  # the world's words plus one
+    save_checkpoint(build_model(world, TINY), bigger, tmp_path / "mismatch")
+    with pytest.raises(ValueError, match=r"init.*vocabulary size"):
+        reward_model_from_checkpoint(tmp_path / "mismatch")
+
+
+def test_check_vocabulary_names_its_argument():
+    model, tokenizer = reward_model_from_checkpoint(SFT)
+    check_vocabulary(model, tokenizer)  # the SFT checkpoint passes
+    with pytest.raises(ValueError, match="tokenizer"):
+        check_vocabulary(model, build_tokenizer(["apple"]))
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------
+
+
+def test_reward_reads_the_last_real_token_whatever_the_padding():
+    model, tokenizer = reward_model_from_checkpoint(SFT)
+    questions = ["what is 3 plus 4 ?", "how many legs does a spider have ?", "what is 3 plus 4 ?"]
+    responses = ["3 plus 4 is 7 .", "a spider has 8 legs . a spider has 8 legs .", ""]
+    ids, mask = encode_texts(tokenizer, questions, responses)
+    assert tokenizer.padding_side == "right" and model.config.pad_token_id == tokenizer.pad_token_id
+    assert ids[0, -1] == tokenizer.pad_token_id and ids[1, int(mask[1].sum()) - 1] == tokenizer.eos_token_id
+    together = score_responses(model, tokenizer, questions, responses)  # (3,)
+    alone = torch.cat([score_responses(model, tokenizer, [q], [r]) for q, r in zip(questions, responses)])
+    assert together.shape == (3,)
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert not torch.allclose(together[0], together[2])  # the response changes the reward
+
+
+def test_length_bias_recovers_a_known_slope():
+    words = np.array([3, 4, 5, 6, 7, 6, 8, 10], dtype=float)
+    correct = np.array([1, 1, 1, 1, 0, 0, 0, 0], dtype=bool)
+    table = {"words": words, "correct": correct, "reward": 0.5 * words + 2.0 * correct,
+             "gold": np.where(correct, 1.0, 0.2), "question": np.array(list("aabbccdd"))}
+    slopes = length_bias(table)
+    assert slopes["length/slope_correct"] == pytest.approx(0.5)
+    assert slopes["length/slope_incorrect"] == pytest.approx(0.5)
+    assert slopes["length/slope_incorrect_within"] == pytest.approx(0.5)
+    assert slopes["length/gold_slope_incorrect"] == pytest.approx(0.0, abs=1e-9)
+
+
+# ---- the committed reward model -------------------------------------------------------------------------
+
+
+def test_committed_reward_model_ranks_by_gold_and_learned_the_length_bias():
+    meta = json.loads((REWARD_MODEL_DIR / "rlmt_edu.json").read_text())
+    assert meta["config"] == json.loads(json.dumps(__import__("dataclasses").asdict(RewardModelConfig())))
+    assert sum(f.stat().st_size for f in REWARD_MODEL_DIR.iterdir()) < 8 * 2**20  # a few MB
+    metrics = meta["metrics"]
+    # The issue's goal (>= 0.85 vs gold) is NOT reached: arithmetic correctness on unseen questions stays at
+    # chance for this last-token reward model (see the chapter's report). What is asserted is what it learned:
+    assert metrics["heldout/gold_accuracy"] > 0.58  # above chance (281 gold pairs: sd 0.03)
+    assert metrics["heldout/accuracy"] > 0.58
+    assert metrics["heldout/gold_accuracy/safety/correctness"] > 0.75  # refusing / helping is learned
+    assert metrics["heldout/gold_accuracy/math/format"] > 0.75  # complete sentences are learned
+    model, tokenizer = load_reward_model()
+    measured = evaluate_reward_model(model, tokenizer, load_preference_pairs("heldout"))
+    assert measured["accuracy"] == pytest.approx(metrics["heldout/accuracy"], abs=1e-4)
+    assert measured["gold_accuracy"] == pytest.approx(metrics["heldout/gold_accuracy"], abs=1e-4)
+    # the length bias: among incorrect responses to the same question, longer ones get MORE reward than the
+    # gold score alone would give them
+    assert metrics["heldout/length/slope_incorrect_within"] > metrics["heldout/length/gold_slope_incorrect_within"]
+
+
+def test_load_reward_model_refuses_a_causal_lm_checkpoint():
+    with pytest.raises(ValueError, match="path"):
+        load_reward_model(SFT)
+
+
+@pytest.mark.slow
+def test_the_committed_recipe_reproduces_the_committed_metrics():
+    """Re-training with ``run_reward_model``'s defaults gives a model of the committed quality (~25 s quiet CPU).
+
+    Bit-identical only on the CPU and thread count that made the checkpoint. Elsewhere the 8th-digit rounding
+    differences grow over 200 steps, and this small reward model is sensitive to them: measured, held-out
+    accuracy 0.617 / 0.615 / 0.622 and gold accuracy 0.612 / 0.601 / 0.634 (committed machine, another CPU,
+    one thread). So the headline accuracies must agree within 0.04; the per-kind accuracies (a few dozen pairs
+    each) are not compared; numbers that depend on the data alone must agree exactly.
+    """
+    from rlmt_edu.algorithms.reward_model import run_reward_model
+
+    saved = json.loads((REWARD_MODEL_DIR / "rlmt_edu.json").read_text())["metrics"]
+    _, _, metrics = run_reward_model(out=None, device="cpu", progress=False)
+    assert metrics.keys() == saved.keys()
+    for key in ("heldout/accuracy", "heldout/gold_accuracy", "train/accuracy", "train/gold_accuracy", "heldout/loss"):
+        assert metrics[key] == pytest.approx(saved[key], abs=0.04), key
+    data_only = [k for k in saved if k == "heldout/label_gold_agreement" or "gold_slope" in k or "/n_" in k]
+    assert len(data_only) == 6
+    for key in data_only:
+        assert metrics[key] == pytest.approx(saved[key], abs=1e-4), key
+    # the learned length bias has the same sign: longer wrong answers get more reward than gold gives them
+    assert metrics["heldout/length/slope_incorrect_within"] > metrics["heldout/length/gold_slope_incorrect_within"]
