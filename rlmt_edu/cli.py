@@ -100,7 +100,7 @@ def cmd_reinforce(args) -> int:
     from rlmt_edu import plots
     from rlmt_edu.algorithms.critic import CriticConfig, build_critic, train_critic
     from rlmt_edu.algorithms.reinforce import (
-        REWARDS, ReinforceConfig, gradient_variance, prompt_pool, reinforce)
+        REWARDS, ReinforceConfig, gradient_variance, prompt_pool, prompts_answered_wrong, reinforce)
     from rlmt_edu.model import load_checkpoint
     from rlmt_edu.utils import choose_device
 
@@ -110,15 +110,22 @@ def cmd_reinforce(args) -> int:
     model, tokenizer = load_checkpoint(args.init, device=choose_device(args.device))
     device = next(model.parameters()).device
     out = Path(args.out)
+    questions = prompt_pool(config.prompts)
+    if not args.all_prompts:  # chapter 03's setting: where every sample earns R = 1 there is nothing to learn
+        questions = prompts_answered_wrong(model, tokenizer, questions, reward_fn=REWARDS[config.reward])
+        if not questions:
+            raise SystemExit(f"rlmt-edu reinforce: the start model answers every '{config.prompts}' prompt "
+                             "perfectly (greedy); use --all-prompts to train on them anyway")
     critic = None
     if config.baseline == "critic" or args.gradient_variance:
         critic = build_critic(args.init, device=device)
         critic_config = CriticConfig(seed=config.seed, steps=args.critic_steps)
-        train_critic(critic, model, tokenizer, prompt_pool(config.prompts), critic_config,
+        train_critic(critic, model, tokenizer, questions, critic_config,
                      reward_fn=REWARDS[config.reward], progress=not args.quiet)
-    metrics = {"baseline": config.baseline, "reward": config.reward, "prompts": config.prompts}
+    metrics = {"baseline": config.baseline, "reward": config.reward, "prompts": config.prompts,
+               "prompts_used": len(questions)}
     if args.gradient_variance:
-        stats = gradient_variance(model, tokenizer, prompt_pool(config.prompts), reward_fn=REWARDS[config.reward],
+        stats = gradient_variance(model, tokenizer, questions, reward_fn=REWARDS[config.reward],
                                   baselines=("none", "mean", "critic"), critic=critic, seed=config.seed)
         for name in ("none", "mean", "critic"):
             metrics[f"grad_variance/{name}"] = stats[name]["variance"]
@@ -128,16 +135,17 @@ def cmd_reinforce(args) -> int:
         ax.set_ylabel("total gradient variance")
         ax.set_title("one mini-batch's policy gradient")
         plots.save_figure(fig, out / "gradient_variance.png")
-    history = reinforce(model, tokenizer, config, critic=critic, progress=not args.quiet)
+    history = reinforce(model, tokenizer, config, questions=questions, critic=critic, progress=not args.quiet)
     history.to_json(out / f"reinforce_{config.baseline}.json")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     plots.plot_history(history, ["reward/mean"], ax=axes[0], smooth=5, title="sampled reward", ylabel="R")
     plots.plot_history(history, ["eval/gold_score", "eval/accuracy"], ax=axes[1], title="held-out, greedy")
     plots.save_figure(fig, out / f"reinforce_{config.baseline}.png")
     rewards = history.series("reward/mean")[1]
+    window = max(1, min(10, len(rewards) // 2))  # the first and the last `window` steps never overlap
     metrics.update({
-        "reward/first_10_steps": sum(rewards[:10]) / len(rewards[:10]),
-        "reward/last_10_steps": sum(rewards[-10:]) / len(rewards[-10:]),
+        f"reward/first_{window}_steps": sum(rewards[:window]) / window,
+        f"reward/last_{window}_steps": sum(rewards[-window:]) / window,
         "eval/gold_score_before": history.series("eval/gold_score")[1][0],
         "eval/gold_score_after": history.last("eval/gold_score"),
         "eval/accuracy_before": history.series("eval/accuracy")[1][0],
@@ -283,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", choices=("gold", "exact_match"), default=None, help="default: gold")
     p.add_argument("--prompts", choices=("train_pool", "math", "facts", "safety"), default=None,
                    help="prompt pool (default: train_pool, every category)")
+    p.add_argument("--all-prompts", action="store_true",
+                   help="train on the whole pool (default: only the prompts the start model answers wrong, "
+                        "greedily, as in chapter 03; on the others every sample earns the same reward)")
     p.add_argument("--steps", type=int, default=None, help="policy updates (default: the chapter's)")
     p.add_argument("--prompts-per-step", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="policy learning rate")

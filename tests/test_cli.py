@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rlmt_edu.cli import main
 from rlmt_edu.world.data import DATA_DIR
 
@@ -44,13 +46,25 @@ def test_chat_rejects_an_unknown_special_token(capsys):
 
 
 def test_reinforce_command_prints_metrics_and_saves_plots(tmp_path, capsys):
-    code = main(["reinforce", "--steps", "2", "--prompts-per-step", "4", "--prompts", "facts", "--quiet",
+    code = main(["reinforce", "--steps", "2", "--prompts-per-step", "4", "--prompts", "math", "--quiet",
                  "--out", str(tmp_path)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "REINFORCE (mean baseline)" in printed and "eval/gold_score_after" in printed
+    # by default only the prompts the SFT model answers wrong (a few dozen of the math pool)
+    used = int(next(line for line in printed.splitlines() if line.startswith("prompts_used")).split()[-1])
+    assert 0 < used < 100
     assert (tmp_path / "reinforce_mean.png").stat().st_size > 0
     assert (tmp_path / "reinforce_mean.json").is_file()
+
+
+def test_reinforce_command_explains_a_pool_with_nothing_to_learn(tmp_path, capsys):
+    """The SFT model answers every facts prompt of the train pool right: say so, and offer --all-prompts."""
+    with pytest.raises(SystemExit, match="--all-prompts"):
+        main(["reinforce", "--steps", "1", "--prompts", "facts", "--quiet", "--out", str(tmp_path)])
+    code = main(["reinforce", "--steps", "1", "--prompts-per-step", "4", "--prompts", "facts", "--all-prompts",
+                 "--quiet", "--out", str(tmp_path)])
+    assert code == 0
 
 
 def test_rejection_sampling_command_prints_metrics_and_saves_plots(tmp_path, capsys):

@@ -319,6 +319,7 @@ def plot_rounds(histories: dict, panels=ROUND_PANELS, *, axes=None):
     """One panel per (title, keys) of ``panels``, one line per run of ``histories`` ({label: History}),
     against the round. Returns the axes."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if axes is None:
         _, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
@@ -330,6 +331,7 @@ def plot_rounds(histories: dict, panels=ROUND_PANELS, *, axes=None):
                 ax.plot(rounds, values, marker="o", markersize=4, label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.grid(alpha=0.3)
     axes[0].legend(frameon=False, fontsize=8)
     return axes
