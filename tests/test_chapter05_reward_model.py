@@ -15,13 +15,14 @@ from rlmt_edu.algorithms.reward_model import (
     evaluate_reward_model,
     length_bias,
     load_reward_model,
+    response_logprob,
     reward_model_from_checkpoint,
     score_responses,
     train_reward_model,
 )
 from rlmt_edu.chapters import SFT
-from rlmt_edu.model import ModelConfig, build_model, save_checkpoint
-from rlmt_edu.tokenizer import build_tokenizer
+from rlmt_edu.model import ModelConfig, build_model, load_checkpoint, save_checkpoint, sequence_logprobs
+from rlmt_edu.tokenizer import build_tokenizer, encode_chat, encode_prompt
 from rlmt_edu.world.tasks import Question
 from rlmt_edu.world.vocab import vocabulary, world_tokenizer
 
@@ -157,6 +158,24 @@ def test_committed_reward_model_ranks_by_gold_and_learned_the_length_bias():
     # the length bias: among incorrect responses to the same question, longer ones get MORE reward than the
     # gold score alone would give them
     assert metrics["heldout/length/slope_incorrect_within"] > metrics["heldout/length/gold_slope_incorrect_within"]
+
+
+def test_response_logprob_is_the_mean_token_logprob_of_the_response_alone():
+    """The reference scorer of section 7: mean log π(a_t | s_t) over the response's tokens and <EOS>, computed
+    in a padded batch, equals the same number computed by hand for each text alone."""
+    lm, tokenizer = load_checkpoint(SFT)
+    questions = ["what is 3 plus 4 ?", "how many legs does a spider have ?"]
+    responses = ["3 plus 4 is 7 .", "a spider has 8 legs . a spider has 8 legs ."]
+    batched = response_logprob(lm, tokenizer, questions, responses)
+    for k, (question, response) in enumerate(zip(questions, responses)):
+        ids, _ = encode_chat(tokenizer, question, response)
+        with torch.no_grad():
+            logp = sequence_logprobs(lm, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+        n_prompt = len(encode_prompt(tokenizer, question))
+        by_hand = logp[n_prompt - 1:].mean()  # column t scores token t + 1: the response starts at n_prompt
+        assert batched[k].item() == pytest.approx(by_hand.item(), abs=1e-5)
+    wrong = response_logprob(lm, tokenizer, questions[:1], ["3 plus 4 is 9 ."])
+    assert wrong[0] < batched[0]  # the SFT model finds the wrong sum less likely
 
 
 def test_load_reward_model_refuses_a_causal_lm_checkpoint():
