@@ -16,6 +16,7 @@ S = P + N the cache length, C the embedding width, H heads.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -252,6 +253,8 @@ class _CachedForward:
     def __init__(self, model: PreTrainedModel, batch_size: int, max_length: int):
         self.model = model
         self.cache = None
+        # transformers 5 renamed the forward's ``past_key_values`` to ``cache`` (the old name goes in 5.40)
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.key_mask = torch.zeros((batch_size, max_length), dtype=torch.long,
                                     device=model.get_input_embeddings().weight.device)  # (B, S)
         self.length = 0
@@ -263,10 +266,10 @@ class _CachedForward:
             input_ids=input_ids,
             attention_mask=self.key_mask[:, :end],
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_name: self.cache},
         )
-        self.cache, self.length = out.past_key_values, end
+        self.cache, self.length = out[self.cache_name], end
         return out.logits[:, -1]  # (B, V)
 
 
