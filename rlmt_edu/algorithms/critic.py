@@ -33,7 +33,7 @@ from rlmt_edu.algorithms.reinforce import (
     score_responses,
 )
 from rlmt_edu.losses._checks import check_mask, check_tensor, masked_mean
-from rlmt_edu.model import position_ids_from_mask
+from rlmt_edu.model import build_value_model, position_ids_from_mask
 from rlmt_edu.rollout import Rollout
 from rlmt_edu.utils import History, seed_everything
 from rlmt_edu.world.tasks import Question
@@ -48,31 +48,7 @@ def build_critic(init: str | Path, *, device=None):
     the 0.1 dropout ``transformers`` puts before the head, so the critic gives the same V when it is trained and
     when it is used. Gradients flow in eval mode all the same.
     """
-    try:
-        from rlmt_edu.model import build_value_model
-    except ImportError:  # a model.py without the shared scalar-head builder: the same thing, spelled out
-        build_value_model = _value_model_from_checkpoint
     return build_value_model(init, device=device).eval()
-
-
-def _value_model_from_checkpoint(init: str | Path, *, device=None):
-    from transformers import GPT2ForTokenClassification
-    from transformers.utils import logging as hf_logging
-
-    if not (Path(init) / "config.json").is_file():
-        raise ValueError(f"init: expected a checkpoint folder with config.json, got {str(init)!r}")
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the head is meant to start untrained: no "newly initialized" warning
-    hf_logging.disable_progress_bar()
-    try:
-        model = GPT2ForTokenClassification.from_pretrained(init, num_labels=1, local_files_only=True,
-                                                           use_safetensors=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model.to(device) if device is not None else model
 
 
 def critic_values(critic, rollout: Rollout) -> Tensor:
@@ -129,9 +105,17 @@ def explained_variance(values: Tensor, rewards: Tensor, response_mask: Tensor) -
     return 1.0 - float(((targets - values[mask]) ** 2).mean() / spread)
 
 
-def critic_update(critic, optimizer: torch.optim.Optimizer, rollout: Rollout, rewards: Tensor) -> float:
-    """One regression step of the critic on one batch of rollouts and their rewards. Returns the loss."""
-    values = critic_values(critic, rollout)  # (B, N)
+def critic_update(critic, optimizer: torch.optim.Optimizer, rollout: Rollout, rewards: Tensor,
+                  values: Tensor | None = None) -> float:
+    """One regression step of the critic on one batch of rollouts and their rewards. Returns the loss.
+
+    ``values``: the critic's ``critic_values(critic, rollout)`` if already computed WITH gradients (REINFORCE
+    uses them as its baseline first), so the critic does not read the batch twice.
+    """
+    if values is None:
+        values = critic_values(critic, rollout)  # (B, N)
+    elif not values.requires_grad:
+        raise ValueError("values: expected critic_values computed with gradients (not under torch.no_grad)")
     mask = rollout.response_mask.to(values.device)
     loss = value_loss(values, rewards.to(values.device), mask)
     optimizer.zero_grad(set_to_none=True)

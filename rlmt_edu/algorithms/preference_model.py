@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlmt_edu.algorithms.preference_data import check_pair_texts
 from rlmt_edu.losses.preference import preference_bce_loss
+from rlmt_edu.model import build_reward_model
 from rlmt_edu.tokenizer import EOS, encode_prompt
 from rlmt_edu.utils import History, epoch_batches, seed_everything
-from rlmt_edu.world.tasks import normalize
 
 Tensor = torch.Tensor
 
@@ -81,31 +82,7 @@ class PreferenceModelConfig:
 def build_preference_model(init: str | Path, *, device=None):
     """The SFT trunk of checkpoint ``init`` with a fresh scalar head: a GPT2ForSequenceClassification whose
     ``logits[:, 0]`` at the last token is the log-odds that the FIRST response of the pair is preferred."""
-    try:
-        from rlmt_edu.model import build_reward_model
-    except ImportError:  # an older model.py without the shared helper: the same head, built here
-        return _sequence_scalar_model(init, device)
     return build_reward_model(init, device=device)
-
-
-def _sequence_scalar_model(init: str | Path, device=None):
-    from transformers import GPT2ForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    if not (Path(init) / "config.json").is_file():
-        raise ValueError(f"init: expected a checkpoint folder with config.json, got {str(init)!r}")
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the head is new on purpose: no "newly initialized weights" warning
-    hf_logging.disable_progress_bar()
-    try:
-        model = GPT2ForSequenceClassification.from_pretrained(init, num_labels=1, use_safetensors=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    if model.config.pad_token_id is None:
-        raise ValueError(f"init: expected a checkpoint with a pad token id, got none in {init}")
-    return model.to(device) if device is not None else model
 
 
 def check_pairs(pairs: object, name: str = "pairs") -> list[dict]:
@@ -122,8 +99,10 @@ def check_pairs(pairs: object, name: str = "pairs") -> list[dict]:
             raise ValueError(f"{name}: pair {index} is missing the fields {missing}")
         if pair["hp"] not in (0, 1):
             raise ValueError(f"{name}: expected hp 0 or 1, got {pair['hp']!r} at index {index}")
-        if normalize(pair["response_i"]) == normalize(pair["response_j"]):
-            raise ValueError(f"{name}: pair {index} compares a response with itself ({pair['response_i']!r})")
+        try:  # the rule every pair obeys (preference_data): two different responses
+            check_pair_texts(pair["question"], pair["response_i"], pair["question"], pair["response_j"])
+        except ValueError as error:
+            raise ValueError(f"{name}: pair {index}: {error}") from None
     return pairs
 
 

@@ -269,8 +269,8 @@ def reinforce(
             # a constant: the running mean of PAST rewards (the first step has no past, so it uses its own mean)
             values = rewards.mean().item() if running_mean is None else running_mean
         else:
-            with torch.no_grad():
-                values = critic_values(critic, rollout)  # (B, N) V(s_t)
+            critic_out = critic_values(critic, rollout)  # (B, N) V(s_t), with gradients for the critic's own step
+            values = critic_out.detach()  # the policy's baseline: a constant to the policy gradient
         row["baseline/mean"] = values if isinstance(values, float) else masked_sum(values, mask).item() / mask.sum().item()
 
         logp = policy_logprobs(model, rollout, temperature=config.temperature)  # (B, N), gradients flow
@@ -281,7 +281,7 @@ def reinforce(
         optimizer.step()
 
         if config.baseline == "critic":
-            row["critic/loss"] = critic_update(critic, critic_optimizer, rollout, rewards)
+            row["critic/loss"] = critic_update(critic, critic_optimizer, rollout, rewards, values=critic_out)
         batch_mean = rewards.mean().item()
         running_mean = batch_mean if running_mean is None else (
             config.mean_momentum * running_mean + (1 - config.mean_momentum) * batch_mean)

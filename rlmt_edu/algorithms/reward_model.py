@@ -31,7 +31,7 @@ from rlmt_edu.algorithms.preference_data import PreferencePair, preference_pairs
 from rlmt_edu.losses.preference import reward_function_loss, reward_model_loss
 from rlmt_edu.model import build_reward_model, context_length, load_metadata, save_checkpoint
 from rlmt_edu.tokenizer import encode_prompt
-from rlmt_edu.utils import History, epoch_batches, seed_everything
+from rlmt_edu.utils import History, epoch_batches, seed_everything, warmup_cosine_schedule
 from rlmt_edu.world.grading import grade
 from rlmt_edu.world.tasks import normalize
 
@@ -195,6 +195,10 @@ def _as_pairs(pairs, argument: str) -> list[PreferencePair]:
     if isinstance(pairs, (str, dict)) or not isinstance(pairs, Sequence) or len(pairs) == 0:
         raise ValueError(f"{argument}: expected a non-empty list of pairs, got {pairs!r:.60}")
     preference_pairs_from(pairs, argument)  # validates every item (same prompt, different responses)
+    for index, item in enumerate(pairs):
+        if not isinstance(item, (PreferencePair, dict)):
+            raise ValueError(f"{argument}[{index}]: expected a PreferencePair or a record dict (the question's "
+                             f"category and answer are needed to grade it), got a {type(item).__name__}")
     return [p if isinstance(p, PreferencePair) else PreferencePair.from_record(p) for p in pairs]
 
 
@@ -206,7 +210,12 @@ def evaluate_reward_model(model, tokenizer, pairs) -> dict[str, float]:
     - ``label_gold_agreement``: how often the labels themselves agree with gold there (a reference point).
     """
     pairs = _as_pairs(pairs, "pairs")
-    r_i, r_j = pair_rewards(model, tokenizer, pairs)  # (N,), (N,)
+    return pairwise_metrics(*pair_rewards(model, tokenizer, pairs), pairs)
+
+
+def pairwise_metrics(r_i: Tensor, r_j: Tensor, pairs: Sequence[PreferencePair]) -> dict[str, float]:
+    """``evaluate_reward_model``'s numbers from rewards already computed: ``r_i``, ``r_j`` (N,) score the two
+    responses of each of the N ``pairs``."""
     hp = torch.tensor([p.hp for p in pairs])  # (N,)
     r_w, r_l = torch.where(hp == 1, r_i, r_j), torch.where(hp == 1, r_j, r_i)  # (N,), (N,)
     loss, metrics = reward_model_loss(r_w, r_l)  # Eq. 6
@@ -388,14 +397,7 @@ def train_reward_model(
     n_pairs = len(train_pairs)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-
-    def lr_factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, config.steps)
     history = History()
 
     def heldout_row() -> dict:
@@ -452,9 +454,11 @@ REWARD_MODEL_CONFIG = RewardModelConfig()
 def reward_model_metrics(model, tokenizer, train_pairs, heldout_pairs) -> dict:
     """The numbers saved with the checkpoint: accuracies vs labels and gold, and the learned length slopes."""
     train = evaluate_reward_model(model, tokenizer, train_pairs)
-    held = evaluate_reward_model(model, tokenizer, heldout_pairs)
+    heldout_pairs = _as_pairs(heldout_pairs, "heldout_pairs")
+    heldout_rewards = pair_rewards(model, tokenizer, heldout_pairs)  # scored once, measured three ways
+    held = pairwise_metrics(*heldout_rewards, heldout_pairs)
+    by_kind = gold_accuracy_by_kind(*heldout_rewards, heldout_pairs)
     slopes = length_bias(response_table(model, tokenizer, heldout_pairs))
-    by_kind = gold_accuracy_by_kind(*pair_rewards(model, tokenizer, heldout_pairs), heldout_pairs)
     metrics = {
         "train/accuracy": train["accuracy"], "train/gold_accuracy": train["gold_accuracy"],
         "heldout/loss": held["loss"], "heldout/accuracy": held["accuracy"],
