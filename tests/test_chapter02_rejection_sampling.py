@@ -3,6 +3,7 @@
 Learning tests start from the committed SFT checkpoint; helper tests use a tiny random GPT saved to a tmp folder.
 """
 
+import dataclasses
 import math
 import random
 
@@ -16,6 +17,7 @@ from rlmt_edu.algorithms.preference_model import (
     encode_preference_pairs,
     labelled_pairs_from_groups,
     preference_accuracy,
+    preference_logits,
     preference_probabilities,
     train_preference_model,
 )
@@ -57,7 +59,7 @@ def _heldout_pairs_or_sampled(tokenizer, split: str, n: int) -> list[dict]:
         records = load_preference_pairs(split)
         records = [r if isinstance(r, dict) else r.to_record() for r in records]
         return records if n >= len(records) else random.Random(0).sample(records, n)  # all: in file order
-    except (ImportError, FileNotFoundError, AttributeError):
+    except FileNotFoundError:
         model, _ = load_checkpoint(SFT)
         pool = [q for q in make_split(0).train_pool]
         questions = random.Random(0 if split == "train" else 1).sample(pool, n // 3)
@@ -126,12 +128,18 @@ def test_rank_groups_labeller_round_robin_counts_wins():
     assert scores == [1.0, 2.0, 0.0, 2.0]
 
 
-def test_rank_groups_preference_model_scores_sum_to_the_number_of_matches(tiny):
+def test_rank_groups_preference_model_scores_are_summed_win_probabilities(tiny):
     _, tokenizer, folder = tiny
     pm = build_preference_model(folder)
-    groups = [["a spider has 6 legs .", "a spider has 8 legs .", "spider"]]
+    six, eight, bare = "a spider has 6 legs .", "a spider has 8 legs .", "spider"
+    groups = [[six, eight, bare, eight]]  # a repeated response is one contestant, with one score
     scores = rank_groups([SPIDER], groups, "preference_model", preference_model=pm, tokenizer=tokenizer)[0]
-    assert sum(scores) == pytest.approx(3.0, abs=1e-5)  # each of the 3 matches hands out P + (1 - P) = 1
+    # the round robin over the distinct responses, in sorted order (six, eight, bare): P(first beats second)
+    p = preference_probabilities(pm, tokenizer, [SPIDER.question] * 3, [six, six, eight], [eight, bare, bare])
+    assert scores[0] == pytest.approx(p[0].item() + p[1].item(), abs=1e-5)  # six: its wins over eight and bare
+    assert scores[1] == pytest.approx(1 - p[0].item() + p[2].item(), abs=1e-5)  # eight
+    assert scores[2] == pytest.approx(2 - p[1].item() - p[2].item(), abs=1e-5)  # bare
+    assert scores[3] == scores[1]
     with pytest.raises(ValueError, match="preference_model"):
         rank_groups([SPIDER], groups, "preference_model")
 
@@ -216,8 +224,12 @@ def test_symmetric_preference_probabilities_sum_to_one(tiny):
     p_ab = preference_probabilities(pm, tokenizer, q, a, b)
     p_ba = preference_probabilities(pm, tokenizer, q, b, a)
     assert torch.allclose(p_ab + p_ba, torch.ones(2), atol=1e-6)
+    # one order alone is σ(z(i, j)) of that order's logits, and nothing makes it sum to one with its mirror
     one_order = preference_probabilities(pm, tokenizer, q, a, b, symmetric=False)
-    assert ((one_order > 0) & (one_order < 1)).all()
+    mirror = preference_probabilities(pm, tokenizer, q, b, a, symmetric=False)
+    z = preference_logits(pm, encode_preference_pairs(tokenizer, q, a, b, max_length=pm.config.n_positions))
+    assert torch.allclose(one_order, torch.sigmoid(z), atol=1e-6)
+    assert not torch.allclose(one_order + mirror, torch.ones(2), atol=1e-4)
 
 
 def test_preference_accuracy_against_labels_and_gold(tiny):
@@ -227,18 +239,28 @@ def test_preference_accuracy_against_labels_and_gold(tiny):
             "hp": 1, "gold_i": 1.0, "gold_j": 0.3}
     flipped = {**pair, "response_i": pair["response_j"], "response_j": pair["response_i"], "hp": 0,
                "gold_i": 0.3, "gold_j": 1.0}
-    metrics = preference_accuracy(pm, tokenizer, [pair, flipped])
-    # the symmetric model answers a pair and its mirror consistently, so it gets both right or both wrong
-    assert metrics["accuracy_labels"] in (0.0, 1.0)
-    assert metrics["accuracy_gold"] == metrics["accuracy_labels"]
+    # a third pair whose label goes AGAINST gold, and a fourth whose gold scores tie (left out of accuracy_gold)
+    against = {**pair, "response_j": "a spider has 6 legs .", "hp": 0, "gold_j": 0.5}
+    tie = {**pair, "response_j": "a spider has 8 legs . a spider has 8 legs .", "gold_j": 1.0}
+    pairs = [pair, flipped, against, tie]
+    metrics = preference_accuracy(pm, tokenizer, pairs)
+    p_first = preference_probabilities(pm, tokenizer, [SPIDER.question] * 4, [x["response_i"] for x in pairs],
+                                       [x["response_j"] for x in pairs])  # (4,)
+    picks = (p_first > 0.5).tolist()
+    assert metrics["accuracy_labels"] == pytest.approx(sum(k == bool(x["hp"]) for k, x in zip(picks, pairs)) / 4)
+    gold_picks = [k == (x["gold_i"] > x["gold_j"]) for k, x in zip(picks[:3], pairs[:3])]
+    assert metrics["accuracy_gold"] == pytest.approx(sum(gold_picks) / 3)
 
 
 def test_labelled_pairs_from_groups_are_distinct_and_labelled():
     groups = [["a spider has 8 legs .", "a spider has 6 legs .", "spider", "spider"]]
-    pairs = labelled_pairs_from_groups([SPIDER], groups, Labeller(), seed=0, pairs_per_question=10)
+    sharp = Labeller(temperature=1e-3, length_bias=0.0, flip=0.0)  # always follows the gold score
+    pairs = labelled_pairs_from_groups([SPIDER], groups, sharp, seed=0, pairs_per_question=10)
     assert len(pairs) == 3  # three distinct responses make three pairs
-    assert all(p["response_i"] != p["response_j"] and p["hp"] in (0, 1) for p in pairs)
+    assert all(p["response_i"] != p["response_j"] for p in pairs)
     assert all(p["gold_i"] == gold_score(SPIDER, p["response_i"]) for p in pairs)
+    assert all(p["gold_j"] == gold_score(SPIDER, p["response_j"]) for p in pairs)
+    assert all(p["hp"] == int(p["gold_i"] > p["gold_j"]) for p in pairs)  # no two gold scores tie here
     check_pairs(pairs)
 
 
@@ -255,7 +277,7 @@ def test_labelled_pairs_from_groups_are_distinct_and_labelled():
     ],
 )
 def test_rejection_sampling_config_rejects(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field}:"):
         RejectionSamplingConfig(**{field: value})
 
 
@@ -268,7 +290,7 @@ def test_rejection_sampling_config_names_g_and_rejects_keeping_everything():
 
 def test_rejection_sampling_needs_a_preference_model_for_that_ranker(tiny):
     model, tokenizer, _ = tiny
-    with pytest.raises(ValueError, match="preference_model"):
+    with pytest.raises(ValueError, match="needs a trained preference model, got None"):  # before any sampling
         rejection_sampling(model, tokenizer, RejectionSamplingConfig(ranker="preference_model"), progress=False)
     with pytest.raises(ValueError, match="config"):
         rejection_sampling(model, tokenizer, {"rounds": 1}, progress=False)
@@ -281,7 +303,7 @@ def test_rejection_sampling_needs_a_preference_model_for_that_ranker(tiny):
      ("head_learning_rate", float("inf"))],
 )
 def test_preference_model_config_rejects(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field}:"):
         PreferenceModelConfig(**{field: value})
 
 
@@ -289,7 +311,7 @@ def test_preference_model_config_rejects(field, value):
     "pairs, message",
     [
         ([], "non-empty"),
-        ([{"question": "q ?", "response_i": "a", "response_j": "a", "hp": 1}], "itself"),
+        ([{"question": "q ?", "response_i": "a", "response_j": "a", "hp": 1}], "two different responses"),
         ([{"question": "q ?", "response_i": "a", "response_j": "b", "hp": 2}], "hp"),
         ([{"question": "q ?", "response_i": "a", "hp": 1}], "response_j"),
     ],
@@ -307,3 +329,7 @@ def test_short_run_is_deterministic(tiny):
         model, _ = load_checkpoint(folder)
         runs.append(rejection_sampling(model, tokenizer, config, eval_questions=[SPIDER], progress=False))
     assert runs[0] == runs[1]
+    model, _ = load_checkpoint(folder)
+    other = rejection_sampling(model, tokenizer, dataclasses.replace(config, seed=1), eval_questions=[SPIDER],
+                               progress=False)
+    assert other != runs[0]  # the seed matters

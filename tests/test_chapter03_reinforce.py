@@ -115,9 +115,12 @@ def test_prompt_pools_are_disjoint_from_the_heldout_questions():
 
 def test_prompt_sampler_visits_every_prompt_once_per_pass_and_is_seeded():
     pool = prompt_pool("facts")
-    first = PromptSampler(pool, seed=3)(len(pool))
-    assert sorted(q.question for q in first) == sorted(q.question for q in pool)
-    assert [q.question for q in PromptSampler(pool, seed=3)(10)] == [q.question for q in first[:10]]
+    two_passes = [q.question for q in PromptSampler(pool, seed=3)(2 * len(pool))]
+    first, second = two_passes[: len(pool)], two_passes[len(pool):]
+    assert sorted(first) == sorted(second) == sorted(q.question for q in pool)  # each prompt once per pass
+    assert first != second  # reshuffled for the second pass
+    assert [q.question for q in PromptSampler(pool, seed=3)(10)] == first[:10]  # seeded
+    assert [q.question for q in PromptSampler(pool, seed=4)(10)] != first[:10]
 
 
 def test_policy_gradient_loss_picks_the_sections_formula():
@@ -166,6 +169,10 @@ def test_same_seed_same_numbers():
         config = ReinforceConfig(steps=2, prompts_per_step=8, eval_every=2)
         runs.append(reinforce(model, tokenizer, config, eval_questions=heldout_questions()[:8], progress=False))
     assert runs[0] == runs[1]
+    model, tokenizer = _sft()
+    other = reinforce(model, tokenizer, ReinforceConfig(steps=2, prompts_per_step=8, eval_every=2, seed=1),
+                      eval_questions=heldout_questions()[:8], progress=False)
+    assert other.series("reward/mean") != runs[0].series("reward/mean")  # the seed matters
 
 
 @needs_sft
@@ -176,8 +183,10 @@ def test_baseline_cuts_the_gradient_variance_at_least_twofold(hard_math):
     none, mean = stats["none"]["variance"], stats["mean"]["variance"]
     assert math.isfinite(none) and none > 0
     assert none >= 2 * mean, f"variance without baseline {none:.3g}, with the mean baseline {mean:.3g}"
-    assert stats["none"]["cosine_to_none"] == pytest.approx(1.0)
-    assert 0 < stats["mean"]["constant"] < 1
+    # the baseline leaves the expected gradient alone: both estimates point the same way, and the baseline's
+    # estimate is the more reproducible one (its two half-samples agree better)
+    assert stats["mean"]["cosine_to_none"] > 0.5
+    assert stats["mean"]["split_half_cosine"] > stats["none"]["split_half_cosine"]
 
 
 def test_gradient_variance_rejects_bad_arguments():

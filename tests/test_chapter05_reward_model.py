@@ -17,6 +17,7 @@ from rlmt_edu.algorithms.reward_model import (
     load_reward_model,
     response_logprob,
     reward_model_from_checkpoint,
+    reward_model_metrics,
     score_responses,
     train_reward_model,
 )
@@ -59,6 +60,9 @@ def test_training_is_deterministic_in_the_seed():
     _, first = train_reward_model(train, config, device="cpu", progress=False)
     _, second = train_reward_model(train, config, device="cpu", progress=False)
     assert first.series("loss/reward_model") == second.series("loss/reward_model")
+    _, other = train_reward_model(train, RewardModelConfig(steps=3, batch_size=8, eval_every=3, seed=1),
+                                  device="cpu", progress=False)
+    assert other.series("loss/reward_model") != first.series("loss/reward_model")  # the seed orders the pairs
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
@@ -69,6 +73,9 @@ def test_training_rejects_bad_pairs_naming_the_item():
     same = dict(good, response_j=good["response_i"])
     with pytest.raises(ValueError, match=r"pairs\[1\].*response_j"):
         train_reward_model([good, same], RewardModelConfig(steps=1), progress=False)
+    texts = ("<USER> what is 3 plus 4 ? <MODEL> 7 . <EOS>", "<USER> what is 3 plus 4 ? <MODEL> 8 . <EOS>")
+    with pytest.raises(ValueError, match=r"pairs\[0\]: expected a PreferencePair or a record dict"):
+        train_reward_model([texts], RewardModelConfig(steps=1), progress=False)  # valid, but cannot be graded
     different_prompts = ("<USER> what is 3 plus 4 ? <MODEL> 7 . <EOS>", "<USER> what is 3 plus 5 ? <MODEL> 8 . <EOS>")
     with pytest.raises(ValueError, match=r"heldout\[0\].*prompt"):
         train_reward_model([good], RewardModelConfig(steps=1), heldout=[different_prompts], progress=False)
@@ -104,8 +111,10 @@ def test_checkpoint_whose_tokenizer_does_not_fit_its_model_is_rejected(tmp_path)
 def test_check_vocabulary_names_its_argument():
     model, tokenizer = reward_model_from_checkpoint(SFT)
     check_vocabulary(model, tokenizer)  # the SFT checkpoint passes
-    with pytest.raises(ValueError, match="tokenizer"):
+    with pytest.raises(ValueError, match=r"^tokenizer: expected a tokenizer of the model's vocabulary size"):
         check_vocabulary(model, build_tokenizer(["apple"]))
+    with pytest.raises(ValueError, match=r"^init: "):
+        check_vocabulary(model, build_tokenizer(["apple"]), argument="init")
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------
@@ -125,16 +134,22 @@ def test_reward_reads_the_last_real_token_whatever_the_padding():
     assert not torch.allclose(together[0], together[2])  # the response changes the reward
 
 
-def test_length_bias_recovers_a_known_slope():
-    words = np.array([3, 4, 5, 6, 7, 6, 8, 10], dtype=float)
+def test_length_bias_recovers_known_slopes_per_group_and_within_questions():
+    """Correct responses gain 0.5 per word, incorrect ones 0.2 within a question; question "d" is simply worth
+    10 more, which the pooled incorrect slope mistakes for length and the within-question slope removes."""
+    words = np.array([3, 4, 5, 6, 5, 6, 9, 10], dtype=float)
     correct = np.array([1, 1, 1, 1, 0, 0, 0, 0], dtype=bool)
-    table = {"words": words, "correct": correct, "reward": 0.5 * words + 2.0 * correct,
-             "gold": np.where(correct, 1.0, 0.2), "question": np.array(list("aabbccdd"))}
-    slopes = length_bias(table)
+    question = np.array(list("aabbccdd"))
+    reward = np.where(correct, 0.5, 0.2) * words + 2.0 * correct + 10.0 * (question == "d")
+    gold = np.where(correct, 1.0, 0.2 + 0.01 * words)  # wrong answers: gold rises 0.01 per word
+    slopes = length_bias({"words": words, "correct": correct, "reward": reward, "gold": gold, "question": question})
     assert slopes["length/slope_correct"] == pytest.approx(0.5)
-    assert slopes["length/slope_incorrect"] == pytest.approx(0.5)
-    assert slopes["length/slope_incorrect_within"] == pytest.approx(0.5)
-    assert slopes["length/gold_slope_incorrect"] == pytest.approx(0.0, abs=1e-9)
+    assert slopes["length/slope_incorrect_within"] == pytest.approx(0.2)
+    assert slopes["length/slope_incorrect"] > 1.0  # pooled across questions: question d's +10 looks like length
+    assert slopes["length/gold_slope_correct"] == pytest.approx(0.0, abs=1e-9)
+    assert slopes["length/gold_slope_incorrect"] == pytest.approx(0.1)  # 0.01 per word / temperature 0.1
+    assert slopes["length/gold_slope_incorrect_within"] == pytest.approx(0.1)
+    assert (slopes["length/n_correct"], slopes["length/n_incorrect"]) == (4, 4)
 
 
 # ---- the committed reward model -------------------------------------------------------------------------
@@ -151,10 +166,13 @@ def test_committed_reward_model_ranks_by_gold_and_learned_the_length_bias():
     assert metrics["heldout/accuracy"] > 0.58
     assert metrics["heldout/gold_accuracy/safety/correctness"] > 0.75  # refusing / helping is learned
     assert metrics["heldout/gold_accuracy/math/format"] > 0.75  # complete sentences are learned
+    # every saved number is re-measured from the saved weights (inference only: equal up to float rounding,
+    # so up to one pair of 405 flipping on another CPU)
     model, tokenizer = load_reward_model()
-    measured = evaluate_reward_model(model, tokenizer, load_preference_pairs("heldout"))
-    assert measured["accuracy"] == pytest.approx(metrics["heldout/accuracy"], abs=1e-4)
-    assert measured["gold_accuracy"] == pytest.approx(metrics["heldout/gold_accuracy"], abs=1e-4)
+    measured = reward_model_metrics(model, tokenizer, load_preference_pairs("train"), load_preference_pairs("heldout"))
+    assert measured.keys() == metrics.keys()
+    for key, value in metrics.items():
+        assert measured[key] == pytest.approx(value, abs=3e-3), key
     # the length bias: among incorrect responses to the same question, longer ones get MORE reward than the
     # gold score alone would give them
     assert metrics["heldout/length/slope_incorrect_within"] > metrics["heldout/length/gold_slope_incorrect_within"]

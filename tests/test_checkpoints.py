@@ -24,7 +24,7 @@ def test_committed_checkpoint_loads_with_plain_transformers(path):
     assert sum(f.stat().st_size for f in path.iterdir()) < 8 * 2**20  # a few MB
 
 
-def test_committed_checkpoints_were_made_by_the_current_recipes():
+def test_committed_checkpoint_configs_match_the_current_recipes():
     assert _metadata(PRETRAINED)["config"] == _as_dict(PRETRAIN_CONFIG)
     assert _metadata(SFT)["config"] == _as_dict(SFT_CONFIG)
 

@@ -71,13 +71,15 @@ def test_rejection_sampling_command_prints_metrics_and_saves_plots(tmp_path, cap
     code = main(["rejection-sampling", "--rounds", "1", "--prompts-per-round", "4", "--group-size", "2",
                  "--sft-steps", "1", "--quiet", "--out", str(tmp_path)])
     assert code == 0
-    assert "rejection sampling (gold ranker)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "rejection sampling (gold ranker)" in printed and "samples/gold (round 0 -> 1)" in printed
     assert (tmp_path / "rejection_sampling_gold.png").stat().st_size > 0
+    assert (tmp_path / "rejection_sampling_gold.json").is_file()
 
 
 def test_rejection_sampling_command_rejects_a_group_of_one(tmp_path, capsys):
     assert main(["rejection-sampling", "--group-size", "1", "--quiet", "--out", str(tmp_path)]) == 2
-    assert "group_size" in capsys.readouterr().err
+    assert "group_size: expected G >= 2" in capsys.readouterr().err
 
 
 def test_reward_model_command_saves_a_loadable_checkpoint(tmp_path, capsys):

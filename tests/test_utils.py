@@ -30,7 +30,7 @@ def test_epoch_batches_draw_the_same_numbers_as_shuffling_inline():
     assert [next(batches).tolist() for _ in range(5)] == inline
 
 
-@pytest.mark.parametrize("n, batch_size", [(0, 4), (5, 0)])
-def test_epoch_batches_reject_empty_sizes(n, batch_size):
-    with pytest.raises(ValueError, match="batch_size"):
+@pytest.mark.parametrize("n, batch_size, named", [(0, 4, "n=0"), (5, 0, "batch_size=0")])
+def test_epoch_batches_reject_empty_sizes(n, batch_size, named):
+    with pytest.raises(ValueError, match=named):
         epoch_batches(n, batch_size, torch.Generator())
