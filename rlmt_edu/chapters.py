@@ -16,12 +16,9 @@ from rlmt_edu.algorithms.pretrain import PretrainConfig, pretrain
 from rlmt_edu.algorithms.sft import SFTConfig, sft
 from rlmt_edu.evaluation import continue_text, evaluate, is_question
 from rlmt_edu.model import load_checkpoint, save_checkpoint
+from rlmt_edu.paths import CHECKPOINTS, PRETRAINED, REPO, SFT, relative_to_repo  # noqa: F401 (re-exported)
 from rlmt_edu.utils import History, choose_device
 
-REPO = Path(__file__).resolve().parent.parent
-CHECKPOINTS = REPO / "data" / "checkpoints"
-PRETRAINED = CHECKPOINTS / "pretrained"
-SFT = CHECKPOINTS / "sft"
 
 PRETRAIN_CONFIG = PretrainConfig()
 SFT_CONFIG = SFTConfig()
@@ -88,8 +85,7 @@ def run_sft(config: SFTConfig = SFT_CONFIG, *, init: Path = PRETRAINED, out: Pat
     metrics = {"loss/sft": round(history.last("loss/sft"), 4), **sft_metrics(model, tokenizer)}
     if out is not None:
         save_checkpoint(model, tokenizer, out, metadata={
-            "recipe": "rlmt_edu.chapters.run_sft", "init": str(Path(init).resolve().relative_to(REPO))
-            if Path(init).resolve().is_relative_to(REPO) else str(init),
+            "recipe": "rlmt_edu.chapters.run_sft", "init": relative_to_repo(init),
             "config": dataclasses.asdict(config), "metrics": metrics, "history": list(history)})
     return model, history, metrics
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from rlmt_edu.algorithms.preference_data import PreferencePair, preference_pairs_from
 from rlmt_edu.losses.preference import reward_function_loss, reward_model_loss
+from rlmt_edu.paths import REWARD_MODEL, SFT, relative_to_repo
 from rlmt_edu.model import build_reward_model, context_length, load_metadata, save_checkpoint
 from rlmt_edu.tokenizer import encode_prompt
 from rlmt_edu.utils import History, epoch_batches, seed_everything, warmup_cosine_schedule
@@ -36,7 +37,7 @@ from rlmt_edu.world.grading import grade
 from rlmt_edu.world.tasks import normalize
 
 Tensor = torch.Tensor
-REWARD_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "reward_model"
+REWARD_MODEL_DIR = REWARD_MODEL
 
 
 @dataclass(frozen=True)
@@ -390,7 +391,7 @@ def train_reward_model(
     train_pairs = _as_pairs(pairs, "pairs")
     heldout_pairs = _as_pairs(heldout, "heldout") if heldout is not None else None
     if init is None:
-        from rlmt_edu.chapters import SFT as init
+        init = SFT
     generator = seed_everything(config.seed)
     model, tokenizer = reward_model_from_checkpoint(init, device=device)
     ids, mask, hp = _encode_pairs(tokenizer, train_pairs, context_length(model))  # (2N, T), (2N, T), (N,)
@@ -473,7 +474,6 @@ def run_reward_model(config: RewardModelConfig = REWARD_MODEL_CONFIG, *, init: s
                      out: str | Path | None = REWARD_MODEL_DIR, device=None, progress: bool = True):
     """Train on the committed pairs, measure, and save to ``out`` (unless None). Returns (model, history, metrics)."""
     from rlmt_edu.algorithms.preference_data import load_preference_pairs
-    from rlmt_edu.chapters import REPO, SFT
 
     init = SFT if init is None else Path(init)
     train_pairs, heldout_pairs = load_preference_pairs("train"), load_preference_pairs("heldout")
@@ -482,10 +482,9 @@ def run_reward_model(config: RewardModelConfig = REWARD_MODEL_CONFIG, *, init: s
     _, tokenizer = reward_model_from_checkpoint(init)
     metrics = reward_model_metrics(model, tokenizer, train_pairs, heldout_pairs)
     if out is not None:
-        init_path = Path(init).resolve()
         save_reward_model(model, tokenizer, out, metadata={
             "recipe": "rlmt_edu.algorithms.reward_model.run_reward_model",
-            "init": str(init_path.relative_to(REPO)) if init_path.is_relative_to(REPO) else str(init),
+            "init": relative_to_repo(init),
             "data": ["data/preference_pairs_train.jsonl", "data/preference_pairs_heldout.jsonl"],
             "config": dataclasses.asdict(config), "metrics": metrics, "history": list(history)})
     return model, history, metrics
