@@ -53,7 +53,9 @@ def test_naive_preference_loss_gradcheck():
 
 @pytest.mark.parametrize("gap", [1e4, -1e4])
 def test_naive_preference_loss_is_finite_for_extreme_margins(gap):
-    chosen = torch.tensor([0.0, -1.0], requires_grad=True)
+    # both texts' log-probs ≤ 0: the one that is 1e4 lower sits at -1e4 - 1 or so
+    chosen = torch.tensor([0.0, -1.0]) - max(0.0, -gap)
+    chosen.requires_grad_(True)
     rejected = chosen.detach() - gap
     loss = naive_preference_loss(chosen, rejected)
     loss.backward()
@@ -140,15 +142,18 @@ def test_dpo_loss_with_a_flat_reference_is_the_naive_loss_scaled_by_beta():
 
 
 def test_dpo_loss_gradcheck():
-    tensors = [t.requires_grad_(True) for t in random_pairs(1)]
-    assert torch.autograd.gradcheck(lambda *xs: dpo_loss(*xs, beta=0.3)[0], tuple(tensors))
+    chosen, rejected, ref_chosen, ref_rejected = random_pairs(1)
+    assert torch.autograd.gradcheck(
+        lambda c, r: dpo_loss(c, r, ref_chosen, ref_rejected, beta=0.3)[0],
+        (chosen.requires_grad_(True), rejected.requires_grad_(True)),
+    )
 
 
 @pytest.mark.parametrize("gap", [1e4, -1e4])
 def test_dpo_loss_is_finite_for_extreme_logits(gap):
-    chosen = torch.tensor([0.0, -2.0], requires_grad=True)
+    chosen = (torch.tensor([0.0, -2.0]) - max(0.0, -gap)).requires_grad_(True)
     rejected = (chosen.detach() - gap).requires_grad_(True)
-    ref = torch.zeros(2)
+    ref = torch.full((2,), -1.0)
     loss, metrics = dpo_loss(chosen, rejected, ref, ref, beta=1.0)
     loss.backward()
     assert torch.isfinite(loss)

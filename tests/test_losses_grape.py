@@ -215,7 +215,7 @@ def loop_grape_loss(logp, logp_old, advantages, mask, eps):
 
 def random_sequences(seed, samples=6, tokens=5, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    logp_old = -torch.rand(samples, tokens, generator=g, dtype=dtype) * 3
+    logp_old = -torch.rand(samples, tokens, generator=g, dtype=dtype) * 3 - 2  # ≤ -2, so logp = logp_old + noise stays ≤ 0
     logp = logp_old + torch.randn(samples, tokens, generator=g, dtype=dtype) * 0.15
     advantages = torch.randn(samples, generator=g, dtype=dtype)
     mask = torch.zeros(samples, tokens, dtype=dtype)
@@ -230,9 +230,10 @@ def test_grape_sequence_loss_hand_value():
     # sample 0: token log-ratios ln 1.5 and 0 (third token is padding) -> ratio 1.5; A = 2 -> min(3, 2.4) = 2.4
     # sample 1: ln 0.5 + ln 2 + ln 0.9 = ln 0.9 -> ratio 0.9; A = -1 -> min(-0.9, -0.9) = -0.9
     # loss = -(1/2)(2.4 - 0.9) = -0.75
-    logp = torch.tensor([[LN(1.5), 0.0, 5.0], [LN(0.5), LN(2.0), LN(0.9)]])
+    # (both models' log-probs shifted by -3, which leaves every ratio unchanged; padding holds junk -7)
+    logp = torch.tensor([[LN(1.5), 0.0, -4.0], [LN(0.5), LN(2.0), LN(0.9)]]) - 3
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    loss, metrics = grape_sequence_loss(logp, torch.zeros(2, 3), torch.tensor([2.0, -1.0]), mask)
+    loss, metrics = grape_sequence_loss(logp, torch.full((2, 3), -3.0), torch.tensor([2.0, -1.0]), mask)
     assert loss.item() == pytest.approx(-0.75, abs=1e-6)
     assert metrics["grape/clip_fraction"] == pytest.approx(0.5)
     assert metrics["grape/ratio_max"] == pytest.approx(1.5)
@@ -260,8 +261,9 @@ def test_grape_sequence_loss_gradient_is_zero_exactly_where_clipping_removes_the
     ratios = [1.5, 0.6, 1.1, 0.6, 1.5]
     advs = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0], dtype=torch.float64)
     half = torch.tensor([[LN(r) / 2] * 2 for r in ratios], dtype=torch.float64)  # two tokens share the log-ratio
-    logp = half.clone().requires_grad_(True)
-    loss, metrics = grape_sequence_loss(logp, torch.zeros(5, 2, dtype=torch.float64), advs, torch.ones(5, 2))
+    logp = (half - 2).requires_grad_(True)  # logp_old = -2 on every token
+    logp_old = torch.full((5, 2), -2.0, dtype=torch.float64)
+    loss, metrics = grape_sequence_loss(logp, logp_old, advs, torch.ones(5, 2))
     loss.backward()
     assert logp.grad[0].abs().max().item() == 0.0
     assert logp.grad[1].abs().max().item() == 0.0
@@ -278,8 +280,7 @@ def test_grape_sequence_loss_gradcheck_away_from_the_clip_kinks():
     seq_ratio = ((logp - logp_old) * mask).sum(1).exp()
     assert ((seq_ratio - 1.2).abs() > 0.02).all() and ((seq_ratio - 0.8).abs() > 0.02).all()
     assert torch.autograd.gradcheck(
-        lambda lp, a: grape_sequence_loss(lp, logp_old, a, mask)[0],
-        (logp.requires_grad_(True), advantages.requires_grad_(True)),
+        lambda lp: grape_sequence_loss(lp, logp_old, advantages, mask)[0], (logp.requires_grad_(True),)
     )
 
 
@@ -299,10 +300,11 @@ def test_grape_sequence_loss_stays_finite_when_the_sequence_ratio_overflows_in_t
     """A sequence log-ratio of +200 (e^200 is inf in float32) with A > 0 is clipped: loss (1+ε)·A, gradient 0.
     The literal min(ratio·A, CLIP(ratio)·A) would give a NaN gradient here (0·inf)."""
     logp = torch.full((2, 4), -1.0)
-    logp[0] += 50.0  # 4 tokens × 50 = +200
+    logp_old = torch.full((2, 4), -1.0)
+    logp_old[0] -= 50.0  # log-ratio 4 tokens × 50 = +200
     logp[1] -= 50.0  # -200, A < 0: clipped at 1-ε
     logp.requires_grad_(True)
-    loss, _ = grape_sequence_loss(logp, torch.full((2, 4), -1.0), torch.tensor([1.0, -1.0]), torch.ones(2, 4))
+    loss, _ = grape_sequence_loss(logp, logp_old, torch.tensor([1.0, -1.0]), torch.ones(2, 4))
     loss.backward()
     assert loss.item() == pytest.approx(-(1.2 * 1.0 + 0.8 * -1.0) / 2, rel=1e-6)
     assert logp.grad.abs().max().item() == 0.0

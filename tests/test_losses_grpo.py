@@ -16,7 +16,7 @@ LN = math.log
 def random_groups(seed, questions=3, group=4, tokens=6, dtype=torch.float64):
     """Seeded (logp, logp_old, advantages (Q, G), mask) with responses of different lengths."""
     g = torch.Generator().manual_seed(seed)
-    logp_old = -torch.rand(questions, group, tokens, generator=g, dtype=dtype) * 3
+    logp_old = -torch.rand(questions, group, tokens, generator=g, dtype=dtype) * 3 - 2  # ≤ -2, so logp = logp_old + noise stays ≤ 0
     logp = logp_old + torch.randn(questions, group, tokens, generator=g, dtype=dtype) * 0.4
     advantages = torch.randn(questions, group, generator=g, dtype=dtype)
     mask = torch.zeros(questions, group, tokens, dtype=dtype)
@@ -146,7 +146,8 @@ def test_group_relative_advantage_rejects_bad_input(name, override):
 
 # Q = 1, G = 2, T = 2.  Response 0 (A = +1, two tokens): ratios 1.5 -> 1.2 (clipped), 0.5 -> 0.5; sum 1.7.
 # Response 1 (A = -1, one token + padding): ratio 0.7 -> min(-0.7, -0.8) = -0.8 (clipped); sum -0.8.
-HAND_LOGP = torch.tensor([[[LN(1.5), LN(0.5)], [LN(0.7), LN(1.3)]]])
+HAND_LOGP = torch.tensor([[[LN(1.5), LN(0.5)], [LN(0.7), LN(1.3)]]]) - 2  # logp_old = -2: ratios 1.5, 0.5, ...
+HAND_LOGP_OLD = torch.full((1, 2, 2), -2.0)
 HAND_ADV = torch.tensor([[1.0, -1.0]])
 HAND_MASK = torch.tensor([[[1, 1], [1, 0]]])
 
@@ -160,7 +161,7 @@ HAND_MASK = torch.tensor([[[1, 1], [1, 0]]])
     ],
 )
 def test_grpo_loss_hand_value(normalization, expected):
-    loss, metrics = grpo_loss(HAND_LOGP, torch.zeros(1, 2, 2), HAND_ADV, HAND_MASK, normalization=normalization)
+    loss, metrics = grpo_loss(HAND_LOGP, HAND_LOGP_OLD, HAND_ADV, HAND_MASK, normalization=normalization)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert metrics["grpo/clip_fraction"] == pytest.approx(2 / 3)
     assert metrics["grpo/ratio_max"] == pytest.approx(1.5)
@@ -203,9 +204,10 @@ def test_grpo_loss_normalizations_agree_when_every_response_has_the_same_length(
 
 def test_grpo_loss_gradient_is_zero_exactly_where_clipping_removes_the_incentive():
     ratios = [[1.5, 0.6, 1.1], [1.5, 0.6, 1.1]]  # response 0 has A = +1, response 1 has A = -1
-    logp = torch.tensor([[[LN(r) for r in row] for row in ratios]], dtype=torch.float64, requires_grad=True)
+    logp = torch.tensor([[[LN(r) - 2 for r in row] for row in ratios]], dtype=torch.float64, requires_grad=True)
     advantages = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
-    loss, _ = grpo_loss(logp, torch.zeros(1, 2, 3, dtype=torch.float64), advantages, torch.ones(1, 2, 3))
+    logp_old = torch.full((1, 2, 3), -2.0, dtype=torch.float64)  # the ratios are exp(logp - logp_old)
+    loss, _ = grpo_loss(logp, logp_old, advantages, torch.ones(1, 2, 3))
     loss.backward()
     grad = logp.grad[0]
     assert grad[0, 0].item() == 0.0  # A > 0, ratio > 1+ε
@@ -223,8 +225,7 @@ def test_grpo_loss_gradcheck_away_from_the_clip_kinks():
     logp = torch.where(near, logp_old + 0.5, logp).requires_grad_(True)
     for normalization in ("paper", "token_mean", "sequence_mean"):
         assert torch.autograd.gradcheck(
-            lambda lp, a: grpo_loss(lp, logp_old, a, mask, normalization=normalization)[0],
-            (logp, advantages.requires_grad_(True)),
+            lambda lp: grpo_loss(lp, logp_old, advantages, mask, normalization=normalization)[0], (logp,),
         )
 
 

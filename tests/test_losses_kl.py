@@ -152,7 +152,7 @@ def test_kl_estimator_k1_unbiased_monte_carlo():
 
 def test_kl_estimator_k1_gradcheck():
     logp, logp_ref, _ = sampled_logps(5, n=6)
-    assert torch.autograd.gradcheck(kl_estimator_k1, (logp.requires_grad_(), logp_ref.requires_grad_()))
+    assert torch.autograd.gradcheck(lambda lp: kl_estimator_k1(lp, logp_ref), (logp.requires_grad_(),))
 
 
 def test_kl_estimator_k3_hand_value():
@@ -206,7 +206,7 @@ def test_kl_estimator_k3_expm1_form_keeps_precision_where_naive_form_fails():
 
 def test_kl_estimator_k3_gradcheck():
     logp, logp_ref, _ = sampled_logps(8, n=6)
-    assert torch.autograd.gradcheck(kl_estimator_k3, (logp.requires_grad_(), logp_ref.requires_grad_()))
+    assert torch.autograd.gradcheck(lambda lp: kl_estimator_k3(lp, logp_ref), (logp.requires_grad_(),))
 
 
 @pytest.mark.parametrize("fn", [kl_estimator_k1, kl_estimator_k3], ids=["k1", "k3"])
@@ -215,7 +215,8 @@ def test_kl_estimators_stable_for_log_ratios_of_80(fn):
     logp_ref = torch.tensor([0.0, -80.0, -1.0], requires_grad=True)
     value = fn(logp, logp_ref)
     value.sum().backward()
-    assert torch.isfinite(value).all() and torch.isfinite(logp.grad).all() and torch.isfinite(logp_ref.grad).all()
+    assert torch.isfinite(value).all() and torch.isfinite(logp.grad).all()
+    assert logp_ref.grad is None  # the reference is a constant
 
 
 ESTIMATOR_VALID = {"logp": torch.tensor([-1.0, -2.0]), "logp_ref": torch.tensor([-2.0, -1.0])}

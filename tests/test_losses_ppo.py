@@ -13,7 +13,7 @@ LN = math.log
 def random_batch(seed, batch=5, tokens=7, dtype=torch.float64):
     """Seeded (logp, logp_old, advantages, mask): a prompt of 0-2 tokens, then 1+ response tokens, padding."""
     g = torch.Generator().manual_seed(seed)
-    logp_old = -torch.rand(batch, tokens, generator=g, dtype=dtype) * 3
+    logp_old = -torch.rand(batch, tokens, generator=g, dtype=dtype) * 3 - 2  # ≤ -2, so logp = logp_old + noise stays ≤ 0
     logp = logp_old + torch.randn(batch, tokens, generator=g, dtype=dtype) * 0.4
     advantages = torch.randn(batch, tokens, generator=g, dtype=dtype)
     mask = torch.zeros(batch, tokens, dtype=dtype)
@@ -47,8 +47,9 @@ def test_ppo_clip_loss_hand_value():
     # sample 1 (2 tokens + padding): ratio 0.7, A=-1 -> min(-0.7, -0.8) = -0.8 (clipped)
     #                                ratio 1.3, A=-1 -> min(-1.3, -1.2) = -1.3
     # loss = -(1/2)(1.2 + 0.5 - 2.0 - 0.8 - 1.3) = -(1/2)(-2.4) = 1.2
-    logp = torch.tensor([[LN(1.5), LN(0.5), 0.0], [LN(0.7), LN(1.3), 0.0]])
-    logp_old = torch.zeros(2, 3)
+    # both models' log-probs shifted by -2: the ratios are unchanged and every log-prob is ≤ 0
+    logp = torch.tensor([[LN(1.5), LN(0.5), 0.0], [LN(0.7), LN(1.3), 0.0]]) - 2
+    logp_old = torch.full((2, 3), -2.0)
     advantages = torch.tensor([[1.0, 1.0, -2.0], [-1.0, -1.0, 5.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     loss, metrics = ppo_clip_loss(logp, logp_old, advantages, mask, epsilon=0.2)
@@ -72,7 +73,7 @@ def test_ppo_clip_loss_matches_python_loop(seed, epsilon):
 def test_ppo_clip_loss_ignores_padding_values():
     logp, logp_old, advantages, mask = random_batch(7)
     loss, _ = ppo_clip_loss(logp, logp_old, advantages, mask)
-    junk = torch.where(mask == 0, torch.full_like(logp, 50.0), logp)
+    junk = torch.where(mask == 0, torch.full_like(logp, -50.0), logp)
     loss_junk, _ = ppo_clip_loss(junk, logp_old, advantages * (1 + 9 * (1 - mask)), mask)
     assert loss_junk.item() == pytest.approx(loss.item(), rel=1e-12)
 
@@ -92,8 +93,8 @@ def test_ppo_clip_loss_gradient_is_zero_exactly_where_clipping_removes_the_incen
     # ratios: 1.5 (> 1+ε), 0.6 (< 1-ε), 1.1 (inside)  x  A = +1, -1
     ratios = [1.5, 0.6, 1.1, 1.5, 0.6, 1.1]
     advs = [1.0, 1.0, 1.0, -1.0, -1.0, -1.0]
-    logp = torch.tensor([[LN(r) for r in ratios]], dtype=torch.float64, requires_grad=True)
-    logp_old = torch.zeros(1, 6, dtype=torch.float64)
+    logp = torch.tensor([[LN(r) - 2 for r in ratios]], dtype=torch.float64, requires_grad=True)
+    logp_old = torch.full((1, 6), -2.0, dtype=torch.float64)
     advantages = torch.tensor([advs], dtype=torch.float64)
     loss, metrics = ppo_clip_loss(logp, logp_old, advantages, torch.ones(1, 6), epsilon=eps)
     loss.backward()
@@ -116,7 +117,7 @@ def test_ppo_clip_loss_gradcheck_away_from_the_clip_kinks():
     near = ((log_ratio.exp() - 1.2).abs() < 0.02) | ((log_ratio.exp() - 0.8).abs() < 0.02)
     logp = torch.where(near, logp_old + 0.5, logp).requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda lp, a: ppo_clip_loss(lp, logp_old, a, mask)[0], (logp, advantages.requires_grad_(True))
+        lambda lp: ppo_clip_loss(lp, logp_old, advantages, mask)[0], (logp,)
     )
 
 

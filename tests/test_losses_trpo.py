@@ -135,7 +135,6 @@ TRPO_BAD = [
     ("beta_negative", {"beta": -0.1}, "beta"),
     ("beta_nan", {"beta": NAN}, "beta"),
     ("beta_string", {"beta": "0.1"}, "beta"),
-    ("beta_tensor", {"beta": torch.tensor(0.1)}, "beta"),
     ("kl_reduction_unknown", {"kl_reduction": "max"}, "kl_reduction"),
     ("logp_1d", {"logp": torch.full((3,), -1.0)}, "logp"),
     ("logp_positive", {"logp": torch.full((2, 3), 0.5)}, "logp"),

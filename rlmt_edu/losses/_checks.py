@@ -12,6 +12,9 @@ Shape legend used across the package: B batch, Q questions, G group size, T toke
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 Tensor = torch.Tensor
@@ -55,6 +58,8 @@ def check_mask(name: str, mask: object, like_name: str, like: Tensor) -> Tensor:
             raise ValueError(f"{name}: expected only 0 and 1, got NaN or inf")
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError(f"{name}: expected only 0 and 1, got values {mask.unique()[:6].tolist()}")
+    if like.numel() == 0:
+        raise ValueError(f"{like_name}: expected at least one sample with at least one token, got shape {tuple(like.shape)}")
     if mask.dim() >= 2:
         empty = (mask.reshape(mask.shape[0], -1) != 0).sum(dim=1) == 0
         if bool(empty.any()):
@@ -67,16 +72,38 @@ def check_mask(name: str, mask: object, like_name: str, like: Tensor) -> Tensor:
     return mask.to(like.dtype)
 
 
-def check_positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value != value:
-        raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+def as_number(name: str, value: object) -> float:
+    """A real number given as a Python int or float, a NumPy scalar, or a 0-dim tensor, as a Python float.
+
+    Booleans are refused (True is not a step size), as are tensors with more than one element or a
+    dimension: a hyperparameter is one number.
+    """
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name}: expected a single real number, got {_describe(value)}")
+        return float(value.detach().item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a single real number, got {_describe(value)}")
     return float(value)
 
 
-def check_non_negative(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value != value:
-        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
-    return float(value)
+def check_positive(name: str, value: object, *, allow_inf: bool = False) -> float:
+    """A number > 0 (see ``as_number`` for the accepted types). +inf only where ``allow_inf`` says it means
+    something (a clip range ε = inf is no clipping); elsewhere it would turn the loss into inf or NaN."""
+    number = as_number(name, value)
+    if not number > 0 or (math.isinf(number) and not allow_inf):
+        want = "a number > 0 (inf allowed)" if allow_inf else "a finite number > 0"
+        raise ValueError(f"{name}: expected {want}, got {number!r}")
+    return number
+
+
+def check_non_negative(name: str, value: object, *, allow_inf: bool = False) -> float:
+    """A number >= 0; +inf only where ``allow_inf`` (as for ``check_positive``)."""
+    number = as_number(name, value)
+    if not number >= 0 or (math.isinf(number) and not allow_inf):
+        want = "a number >= 0 (inf allowed)" if allow_inf else "a finite number >= 0"
+        raise ValueError(f"{name}: expected {want}, got {number!r}")
+    return number
 
 
 def check_choice(name: str, value: object, choices: tuple) -> object:
@@ -108,8 +135,12 @@ def check_not_empty(name: str, x: Tensor) -> Tensor:
 
 
 def check_logprob_values(name: str, x: Tensor, *, atol: float = 1e-5) -> Tensor:
-    """Log-probabilities are <= 0 (a probability is at most 1); ``atol`` allows rounding error."""
-    if bool((x > atol).any()):
+    """Log-probabilities are <= 0 (a probability is at most 1); ``atol`` allows rounding error.
+
+    Every function of ``rlmt_edu.losses`` that takes log-probabilities calls this one check, so the same
+    mistake (passing logits, or a log-ratio, where log-probabilities belong) gets the same message everywhere.
+    """
+    if x.numel() and bool((x > atol).any()):
         raise ValueError(f"{name}: expected log-probabilities (<= 0), got a maximum of {float(x.max()):.6g}")
     return x
 
@@ -138,11 +169,12 @@ def check_prob_simplex(name: str, p: Tensor, *, atol: float = 1e-4) -> Tensor:
     return p
 
 
-def check_scalar_between(name: str, value: float, low: float, high: float) -> float:
-    """A real number in the closed interval [low, high]."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high):
-        raise ValueError(f"{name}: expected a number in [{low}, {high}], got {value!r}")
-    return float(value)
+def check_scalar_between(name: str, value: object, low: float, high: float) -> float:
+    """A real number in the closed interval [low, high] (see ``as_number`` for the accepted types)."""
+    number = as_number(name, value)
+    if not low <= number <= high:
+        raise ValueError(f"{name}: expected a number in [{low}, {high}], got {number!r}")
+    return number
 
 
 def check_bool_flag(name: str, value: object) -> bool:

@@ -1,7 +1,10 @@
 """§4.9 of the paper: the naive preference loss on log-probabilities, and DPO.
 
 Both take *sequence* log-probabilities: log π(text) = Σ_t log π(a_t|s_t) over the response tokens (the sum
-of a ``token_logp`` row under the response mask), one number per text.
+of a ``token_logp`` row under the response mask), one number per text; each is checked to be ≤ 0.
+
+Constants take no gradient: in ``dpo_loss`` the reference log-probs (π0, frozen) are detached inside. In the
+naive loss both arguments are π1 and both carry gradient.
 
 Shape legend: B batch (here: preference pairs), Q questions, G group size, T tokens, V vocabulary.
 """
@@ -11,20 +14,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlmt_edu.losses._checks import check_positive, check_same_shape, check_tensor
+from rlmt_edu.losses._checks import check_logprob_values, check_positive, check_same_shape, check_tensor
 
 Tensor = torch.Tensor
 
 
 def _check_pair_logps(named: list[tuple[str, object]]) -> None:
-    """Every argument a finite 1-D float tensor of the same (non-zero) length as the first."""
+    """Every argument a finite 1-D float tensor of sequence log-probabilities (≤ 0), of the same (non-zero)
+    length as the first."""
     first_name, first = named[0]
     check_tensor(first_name, first, ndim=1)
     if first.shape[0] == 0:
         raise ValueError(f"{first_name}: expected at least one preference pair, got shape {tuple(first.shape)}")
-    for name, x in named[1:]:
+    for name, x in named:
         check_tensor(name, x, ndim=1)
         check_same_shape(first_name, first, name, x)
+        check_logprob_values(name, x)
 
 
 def naive_preference_loss(logp_chosen: Tensor, logp_rejected: Tensor) -> Tensor:
@@ -89,8 +94,9 @@ def dpo_loss(
     )
     beta = check_positive("beta", beta)
 
-    reward_chosen = beta * (logp_chosen - logp_ref_chosen)  # (B,) β log(π1(text_w)/π0(text_w))
-    reward_rejected = beta * (logp_rejected - logp_ref_rejected)  # (B,) β log(π1(text_l)/π0(text_l))
+    # π0 is frozen: its log-probs are constants
+    reward_chosen = beta * (logp_chosen - logp_ref_chosen.detach())  # (B,) β log(π1(text_w)/π0(text_w))
+    reward_rejected = beta * (logp_rejected - logp_ref_rejected.detach())  # (B,) β log(π1(text_l)/π0(text_l))
     # §4.9: -log σ(β log(π1(w)/π0(w)) - β log(π1(l)/π0(l))), mean over pairs
     loss = -F.logsigmoid(reward_chosen - reward_rejected).mean()
 

@@ -4,6 +4,9 @@ Rubrics differ by category, so rubric tensors are padded to the largest rubric: 
 ``item_mask`` (S, J) that is 1 where item j exists in sample i's rubric. ρ_i = item_mask[i].sum(). Entries
 outside ``item_mask`` are ignored (they must still be finite numbers).
 
+Constants take no gradient: in ``grape_sequence_loss`` only ``logp`` carries one (``logp_old`` and
+``advantages`` are detached inside).
+
 Shape legend: S samples (S = QG), J rubric items (padded), T tokens; ρ items of one rubric.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from rlmt_edu.losses._checks import (
+    check_logprob_values,
     check_mask,
     check_positive,
     check_same_shape,
@@ -164,19 +168,21 @@ def grape_sequence_loss(
     k3 estimate of the sequence-level KL(π_old‖π)), ``"grape/ratio_mean|min|max"`` (sequence ratios).
     """
     check_tensor("logp", logp, ndim=2)
+    check_logprob_values("logp", logp)
     check_tensor("logp_old", logp_old, ndim=2)
     check_same_shape("logp", logp, "logp_old", logp_old)
+    check_logprob_values("logp_old", logp_old)
     check_tensor("advantages", advantages, ndim=1)
     if advantages.shape[0] != logp.shape[0]:
         raise ValueError(
             f"advantages: expected {logp.shape[0]} advantages, one per sample of logp, got {advantages.shape[0]}"
         )
     mask = check_mask("response_mask", response_mask, "logp", logp)  # (S, T)
-    epsilon = check_positive("epsilon", epsilon)
+    epsilon = check_positive("epsilon", epsilon, allow_inf=True)
 
-    # log(π1(text_i)/π0(text_i)) = Σ_t (log π1(a_it|s_it) - log π0(a_it|s_it))
-    seq_log_ratio = masked_sum(logp - logp_old, mask, dim=1)  # (S,)
-    surrogate, clipped = _clipped_surrogate(seq_log_ratio, advantages, epsilon)  # (S,)
+    # log(π1(text_i)/π0(text_i)) = Σ_t (log π1(a_it|s_it) - log π0(a_it|s_it)); π0 is a constant
+    seq_log_ratio = masked_sum(logp - logp_old.detach(), mask, dim=1)  # (S,)
+    surrogate, clipped = _clipped_surrogate(seq_log_ratio, advantages.detach(), epsilon)  # (S,)
     # Eq. 17: -(1/S) Σ_i min[ratio_i·A_i, CLIP(ratio_i, 1-ε, 1+ε)·A_i]
     loss = -surrogate.mean()
     every_sample = torch.ones_like(seq_log_ratio)  # (S,)
@@ -218,6 +224,9 @@ def average_variances(sigma: Tensor, confidence: Tensor) -> tuple[Tensor, Tensor
     """
     sigma, confidence = _check_lemma_inputs(sigma, confidence)
     num_items = sigma.shape[0]  # ρ
+    # the weighted average does not change when φ̄ is scaled; dividing by the largest φ̄ first keeps φ̄² and
+    # (Σ φ̄)² representable for any scale (1e-30 would underflow to 0/0, 1e20 overflow to inf/inf)
+    confidence = confidence / confidence.max()
     # Lemma 8.1: Var((1/ρ) Σ τ_i) = (1/ρ²) Σ σ_i²
     plain = (sigma**2).sum() / num_items**2
     # Lemma 8.1: Var(Σ τ_i φ̄_i / Σ φ̄_i) = Σ φ̄_i² σ_i² / (Σ φ̄_i)²
@@ -253,6 +262,7 @@ def monte_carlo_average_variances(
 
     noise = torch.randn((n_draws, sigma.shape[0]), generator=generator, dtype=sigma.dtype, device=sigma.device)
     tau = sigma * noise  # (n_draws, ρ) τ_i ~ Normal(0, σ_i)
+    confidence = confidence / confidence.max()  # scale-free, as in average_variances
     plain_avg = tau.mean(dim=1)  # (n_draws,) (1/ρ) Σ τ_i
     weighted_avg = (tau * confidence).sum(dim=1) / confidence.sum()  # (n_draws,) Σ τ_i φ̄_i / Σ φ̄_i
     return plain_avg.var(correction=1), weighted_avg.var(correction=1)

@@ -3,6 +3,9 @@
 GRPO is PPO's clipped loss with a different advantage: each of the G responses to a question is compared with
 the mean reward of its own group, so no value model is needed.
 
+Constants take no gradient: in ``grpo_loss`` only ``logp`` carries one; ``logp_old`` and ``advantages`` are
+detached inside (so the on-policy first step, ``logp_old = logp``, gets the right gradient, not zero).
+
 Shape legend: B batch, Q questions, G group size, T tokens, V vocabulary.
 """
 
@@ -12,6 +15,7 @@ import torch
 
 from rlmt_edu.losses._checks import (
     check_choice,
+    check_logprob_values,
     check_mask,
     check_positive,
     check_same_shape,
@@ -83,7 +87,7 @@ def grpo_loss(
     | log π0(a_qgt\\|s_qgt), the model that sampled | ``logp_old`` | (Q, G, T) |
     | A(text_qg), e.g. from ``group_relative_advantage`` | ``advantages`` | (Q, G) |
     | t in the sum (response tokens) | ``response_mask`` | (Q, G, T) |
-    | ε | ``epsilon`` | float > 0 |
+    | ε | ``epsilon`` | float > 0 (inf: no clipping) |
 
     The same A(text_qg) multiplies every token of response (q, g). ``normalization`` says what the summed
     clipped terms are divided by:
@@ -109,8 +113,10 @@ def grpo_loss(
     KL(π_old‖π) over response tokens) and ``"grpo/ratio_mean|min|max"``, as in ``ppo_clip_loss``.
     """
     check_tensor("logp", logp, ndim=3)
+    check_logprob_values("logp", logp)
     check_tensor("logp_old", logp_old, ndim=3)
     check_same_shape("logp", logp, "logp_old", logp_old)
+    check_logprob_values("logp_old", logp_old)
     check_tensor("advantages", advantages, ndim=2)
     if advantages.shape != logp.shape[:2]:
         raise ValueError(
@@ -122,11 +128,11 @@ def grpo_loss(
     mask = check_mask(
         "response_mask", response_mask.reshape(-1, num_tokens), "logp", logp.reshape(-1, num_tokens)
     ).reshape(logp.shape)  # (Q, G, T)
-    epsilon = check_positive("epsilon", epsilon)
+    epsilon = check_positive("epsilon", epsilon, allow_inf=True)
     check_choice("normalization", normalization, NORMALIZATIONS)
 
-    log_ratio = logp - logp_old  # (Q, G, T)
-    token_advantages = advantages[:, :, None].expand_as(logp)  # (Q, G, T) same A for every token
+    log_ratio = logp - logp_old.detach()  # (Q, G, T); π0 is a constant
+    token_advantages = advantages.detach()[:, :, None].expand_as(logp)  # (Q, G, T) same A for every token
     surrogate, clipped = _clipped_surrogate(log_ratio, token_advantages, epsilon)  # (Q, G, T)
     if normalization == "paper":
         # Eq. 14: -(1/(QG)) Σ_q Σ_g Σ_t min[ratio·A, CLIP(ratio, 1-ε, 1+ε)·A]

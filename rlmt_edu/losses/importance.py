@@ -3,6 +3,9 @@
 Samples drawn from one distribution (Q, or the old model π0) are reweighted by P/Q (or π1/π0) to estimate
 an average under another. Ratios of token probabilities are always formed in log space,
 exp(log π1 - log π0), as the paper's footnote 2 recommends.
+
+Constants take no gradient: in ``importance_weighted_loss`` only ``logp`` carries one (``logp_old`` and
+``advantages`` are detached inside).
 """
 
 from __future__ import annotations

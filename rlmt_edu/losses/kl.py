@@ -9,6 +9,10 @@ The per-token estimators use only the log-probabilities of the tokens that were 
 KL-in-the-reward of §4.7 (Eq. 12) does. For tokens sampled from π, both estimate D_KL(π‖π_ref):
 k1 = log π(a) - log π_ref(a) is unbiased but is negative for some tokens; k3 = (r - 1) - log r with
 r = π_ref(a)/π(a) is also unbiased (E_π[r] = 1) and never negative.
+
+Gradients: ``kl_divergence`` lets gradient flow into both arguments (fitting either direction of KL is the
+point of chapter 06; detach the one you hold fixed, e.g. ``kl_divergence(logits_old.detach(), logits)`` for
+TRPO). In the per-token estimators the reference is a constant: ``logp_ref`` is detached inside.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def kl_estimator_k1(logp: Tensor, logp_ref: Tensor) -> Tensor:
     """
     _check_token_logps(logp, logp_ref)
     # §8.4 / Eq. 12: k1 = log(π(a_t|s_t) / π_ref(a_t|s_t))
-    return logp - logp_ref
+    return logp - logp_ref.detach()
 
 
 def kl_estimator_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
@@ -123,6 +127,6 @@ def kl_estimator_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
     negative, while expm1 keeps full relative precision.
     """
     _check_token_logps(logp, logp_ref)
-    log_r = logp_ref - logp  # log r = log π_ref - log π
+    log_r = logp_ref.detach() - logp  # log r = log π_ref - log π; the reference is a constant
     # §8.4: k3 = (r - 1) - log r, with r - 1 = expm1(log r)
     return torch.expm1(log_r) - log_r

@@ -26,7 +26,8 @@ def token_logp(logits: Tensor, tokens: Tensor) -> Tensor:
     | log π(a_t \\| s_t) | returned | (B, T) |
 
     For a causal LM, ``logits[:, t]`` is computed from tokens ``0..t`` and predicts token ``t+1``, so callers
-    pass ``logits[:, :-1]`` with ``tokens = input_ids[:, 1:]``.
+    pass ``logits[:, :-1]`` with ``tokens = input_ids[:, 1:]``. Half-precision logits are computed in float32;
+    float32 and float64 keep their dtype.
     """
     check_tensor("logits", logits, ndim=3)
     if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.long, torch.int32, torch.int64):
@@ -35,7 +36,9 @@ def token_logp(logits: Tensor, tokens: Tensor) -> Tensor:
         raise ValueError(f"tokens: expected shape {tuple(logits.shape[:2])} to match logits, got {tuple(tokens.shape)}")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= logits.shape[-1]):
         raise ValueError(f"tokens: expected ids in [0, {logits.shape[-1]}), got range [{int(tokens.min())}, {int(tokens.max())}]")
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # float16 / bfloat16: the log-softmax in float32
+    logprobs = torch.log_softmax(logits, dim=-1)  # (B, T, V)
     return logprobs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 

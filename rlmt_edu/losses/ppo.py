@@ -3,6 +3,10 @@
 The clipped term min[ratio·A, CLIP(ratio, 1-ε, 1+ε)·A] is written once here (``_clipped_surrogate``) and reused
 by GRPO (Eq. 14, token level) and GRAPE (Eq. 17, sequence level).
 
+Constants take no gradient: in ``ppo_clip_loss`` only ``logp``, the model being trained, carries one;
+``logp_old`` and ``advantages`` are detached inside, so calling ``ppo_clip_loss(logp, logp, A, mask)`` on the
+first, on-policy step (no ``.detach()``) gives the gradient A·∇log π it should, not zero.
+
 Shape legend: B batch, Q questions, G group size, T tokens, V vocabulary.
 """
 
@@ -14,6 +18,7 @@ import torch
 
 from rlmt_edu.losses._checks import (
     check_choice,
+    check_logprob_values,
     check_mask,
     check_non_negative,
     check_positive,
@@ -89,7 +94,7 @@ def ppo_clip_loss(
     | log π0(a_it\\|s_it), the model that sampled (M_k, "old") | ``logp_old`` | (B, T) |
     | A_1(a_it, s_it) | ``advantages`` | (B, T) |
     | t in the sum (response tokens only, §4.1 note) | ``response_mask`` | (B, T) |
-    | ε | ``epsilon`` | float > 0 |
+    | ε | ``epsilon`` | float > 0 (inf: no clipping, Eq. 7) |
     | S | B, the number of samples | |
 
     The sums stay sums: tokens are summed within a sample and the total is divided by S = B (not by the
@@ -102,15 +107,17 @@ def ppo_clip_loss(
     - ``"ppo/ratio_mean"``, ``"ppo/ratio_min"``, ``"ppo/ratio_max"`` over response tokens.
     """
     check_tensor("logp", logp, ndim=2)
+    check_logprob_values("logp", logp)
     check_tensor("logp_old", logp_old, ndim=2)
     check_same_shape("logp", logp, "logp_old", logp_old)
+    check_logprob_values("logp_old", logp_old)
     check_tensor("advantages", advantages, ndim=2)
     check_same_shape("logp", logp, "advantages", advantages)
     mask = check_mask("response_mask", response_mask, "logp", logp)
-    epsilon = check_positive("epsilon", epsilon)
+    epsilon = check_positive("epsilon", epsilon, allow_inf=True)
 
-    log_ratio = logp - logp_old  # (B, T) log(π1/π0)
-    surrogate, clipped = _clipped_surrogate(log_ratio, advantages, epsilon)  # (B, T)
+    log_ratio = logp - logp_old.detach()  # (B, T) log(π1/π0); π0 is a constant
+    surrogate, clipped = _clipped_surrogate(log_ratio, advantages.detach(), epsilon)  # (B, T)
     num_samples = logp.shape[0]  # S
     # Eq. 11: -(1/S) Σ_i Σ_t min[ratio·A, CLIP(ratio, 1-ε, 1+ε)·A]
     loss = -masked_sum(surrogate, mask) / num_samples
@@ -148,15 +155,17 @@ def kl_shaped_rewards(
     token-level reward for each token R(a_t, s_t) = R(s_t)", so every response token carries R.
     ``reward_at="last_token"`` puts R only on the last response token (the usual InstructGPT practice; pair
     it with a return/GAE estimate rather than R' - V). Both subtract β·log(π1/π0) on every response token.
-    The result is 0 outside ``response_mask``. Rewards are constants to the policy gradient: compute this
-    from detached log-probs (or under ``torch.no_grad()``).
+    The result is 0 outside ``response_mask``. Nothing is detached here: R' becomes a constant where a
+    loss consumes it (``ppo_clip_loss`` detaches its ``advantages``).
     """
     check_tensor("rewards", rewards, ndim=1)
     check_tensor("logp", logp, ndim=2)
+    check_logprob_values("logp", logp)
     if rewards.shape[0] != logp.shape[0]:
         raise ValueError(f"rewards: expected {logp.shape[0]} rewards, one per sample of logp, got {rewards.shape[0]}")
     check_tensor("logp_ref", logp_ref, ndim=2)
     check_same_shape("logp", logp, "logp_ref", logp_ref)
+    check_logprob_values("logp_ref", logp_ref)
     mask = check_mask("response_mask", response_mask, "logp", logp)
     beta = check_non_negative("beta", beta)
     check_choice("reward_at", reward_at, ("every_token", "last_token"))

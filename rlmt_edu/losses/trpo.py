@@ -1,7 +1,10 @@
 """§4.5 of the paper: TRPO, as a KL penalty (Eq. 9) and as a trust-region constraint (Eq. 10).
 
 Both take ``kl``, the exact per-token D_KL(π0(·|s_t) ‖ π1(·|s_t)) of Eq. (8), which the caller computes from
-the two models' logits with ``rlmt_edu.losses.kl.kl_divergence(logits_old, logits)`` (shape (B, T)).
+the two models' logits with ``rlmt_edu.losses.kl.kl_divergence(logits_old.detach(), logits)`` (shape (B, T)).
+
+Constants take no gradient: ``logp_old`` and ``advantages`` are detached inside ``trpo_penalty_loss``. ``kl`` is
+passed in already computed, so its gradient is whatever the caller built: detach the old model's logits.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def trpo_constraint_satisfied(kl: Tensor, response_mask: Tensor, *, delta: float
     D_KL over all response tokens of all samples is at most δ. ``per_token=True`` checks Eq. (10) as
     written, every response token's D_KL at most δ (stricter).
     """
-    delta = check_positive("delta", delta)
+    delta = check_positive("delta", delta, allow_inf=True)
     check_bool_flag("per_token", per_token)
     _check_kl(kl, "kl")
     mask = check_mask("response_mask", response_mask, "kl", kl)
