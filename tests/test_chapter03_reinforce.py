@@ -5,17 +5,14 @@ import math
 import pytest
 import torch
 
-from rlmt_edu.algorithms.reinforce import (
+from rlmt_edu.algorithms.reinforce import ReinforceConfig, gradient_variance, policy_gradient_loss, reinforce
+from rlmt_edu.rl import (
     PromptSampler,
-    ReinforceConfig,
     exact_match_reward,
     gold_reward,
-    gradient_variance,
     heldout_questions,
-    policy_gradient_loss,
     prompt_pool,
     prompts_answered_wrong,
-    reinforce,
     score_responses,
 )
 from rlmt_edu.chapters import SFT

@@ -11,13 +11,8 @@ from rlmt_edu.algorithms.critic import (
     train_critic,
     value_loss,
 )
-from rlmt_edu.algorithms.reinforce import (
-    ReinforceConfig,
-    prompt_pool,
-    prompts_answered_wrong,
-    reinforce,
-    sample_responses,
-)
+from rlmt_edu.algorithms.reinforce import ReinforceConfig, reinforce
+from rlmt_edu.rl import prompt_pool, prompts_answered_wrong, sample_responses
 from rlmt_edu.chapters import SFT
 from rlmt_edu.losses.advantage import advantage, gae
 from rlmt_edu.model import load_checkpoint

@@ -18,7 +18,7 @@ from rlmt_edu.algorithms.reward_model import (
     response_logprob,
     reward_model_from_checkpoint,
     reward_model_metrics,
-    score_responses,
+    reward_model_scores,
     train_reward_model,
 )
 from rlmt_edu.chapters import SFT
@@ -127,8 +127,8 @@ def test_reward_reads_the_last_real_token_whatever_the_padding():
     ids, mask = encode_texts(tokenizer, questions, responses)
     assert tokenizer.padding_side == "right" and model.config.pad_token_id == tokenizer.pad_token_id
     assert ids[0, -1] == tokenizer.pad_token_id and ids[1, int(mask[1].sum()) - 1] == tokenizer.eos_token_id
-    together = score_responses(model, tokenizer, questions, responses)  # (3,)
-    alone = torch.cat([score_responses(model, tokenizer, [q], [r]) for q, r in zip(questions, responses)])
+    together = reward_model_scores(model, tokenizer, questions, responses)  # (3,)
+    alone = torch.cat([reward_model_scores(model, tokenizer, [q], [r]) for q, r in zip(questions, responses)])
     assert together.shape == (3,)
     assert torch.allclose(together, alone, atol=1e-5)
     assert not torch.allclose(together[0], together[2])  # the response changes the reward

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlmt_edu.algorithms.reinforce import (
+from rlmt_edu.rl import (
     RewardFn,
     PromptSampler,
     gold_reward,

@@ -13,9 +13,8 @@ from the updated policy: unlike rejection sampling (§3), every sample is used, 
 ``gradient_variance`` measures what the baseline is for: with the policy fixed, how much the policy gradient
 of one mini-batch scatters around its mean, with and without a baseline.
 
-A reward function maps ``(questions, responses)`` (a list of ``world.tasks.Question`` and a list of response
-texts) to a float tensor of shape (B,). The default is the toy world's gold score in [0, 1]
-(``gold_reward``); ``exact_match_reward`` is 1 for an exactly correct answer and 0 otherwise.
+Prompts, sampling and the reward functions R(text) (the toy world's gold score by default, or exact match)
+come from ``rlmt_edu.rl``, which every RL chapter shares.
 
 Shape legend: B batch (S in the paper), T tokens (N response tokens of a rollout).
 """
@@ -23,139 +22,34 @@ Shape legend: B batch (S in the paper), T tokens (N response tokens of a rollout
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from rlmt_edu.evaluation import answer
+from rlmt_edu.algorithms.critic import critic_update, critic_values
 from rlmt_edu.losses._checks import check_choice, masked_sum
 from rlmt_edu.losses.policy_gradient import reinforce_loss, reward_weighted_loss
-from rlmt_edu.rollout import Rollout, policy_logprobs, sample
-from rlmt_edu.tokenizer import encode_prompt
+from rlmt_edu.rl import (
+    PROMPT_POOLS,
+    REWARDS,
+    PromptSampler,
+    RewardFn,
+    gold_reward,
+    heldout_questions,
+    heldout_scores,
+    prompt_pool,
+    sample_responses,
+    score_responses,
+)
+from rlmt_edu.rollout import Rollout, policy_logprobs
 from rlmt_edu.utils import History, seed_everything
-from rlmt_edu.world.grading import grade
-from rlmt_edu.world.preference import gold_score
-from rlmt_edu.world.tasks import CATEGORIES, Question, make_split
+from rlmt_edu.world.tasks import Question
 
 Tensor = torch.Tensor
-RewardFn = Callable[[Sequence[Question], Sequence[str]], Tensor]
 
 BASELINES = ("none", "mean", "critic")
-PROMPT_POOLS = ("train_pool", *CATEGORIES)
-
-
-# ---- reward functions R(text) -------------------------------------------------------------------------------
-
-
-def gold_reward(questions: Sequence[Question], responses: Sequence[str]) -> Tensor:
-    """R(text) = the world's gold score in [0, 1] (correct, complete, safe, concise): shape (B,)."""
-    return torch.tensor([gold_score(q, r) for q, r in zip(questions, responses)], dtype=torch.float32)
-
-
-def exact_match_reward(questions: Sequence[Question], responses: Sequence[str]) -> Tensor:
-    """R(text) = 1 if the response is graded correct (exact answer, or the right refusal), else 0: shape (B,)."""
-    return torch.tensor([float(grade(q, r).correct) for q, r in zip(questions, responses)], dtype=torch.float32)
-
-
-REWARDS: dict[str, RewardFn] = {"gold": gold_reward, "exact_match": exact_match_reward}
-
-
-def score_responses(reward_fn: RewardFn, questions: Sequence[Question], responses: Sequence[str]) -> Tensor:
-    """Call ``reward_fn(questions, responses)`` and check what it returns: a finite float tensor of shape (B,).
-
-    A reward function written by a user is a boundary: a NaN or a missing reward would silently poison the
-    loss, so this raises a ``ValueError`` naming ``reward_fn`` instead.
-    """
-    if not callable(reward_fn):
-        raise ValueError(f"reward_fn: expected a callable (questions, responses) -> tensor (B,), got {reward_fn!r:.60}")
-    rewards = reward_fn(questions, responses)
-    batch = len(responses)
-    if not isinstance(rewards, Tensor):
-        raise ValueError(f"reward_fn: expected it to return a torch.Tensor of shape ({batch},), got {type(rewards).__name__}")
-    if rewards.shape != (batch,):
-        raise ValueError(
-            f"reward_fn: expected one reward per response, shape ({batch},), got shape {tuple(rewards.shape)}"
-        )
-    if not torch.is_floating_point(rewards):
-        rewards = rewards.float()
-    if not bool(torch.isfinite(rewards).all()):
-        bad = int((~torch.isfinite(rewards)).sum())
-        raise ValueError(f"reward_fn: expected finite rewards, got {bad} NaN or inf of {batch}")
-    return rewards.detach().float().cpu()  # (B,)
-
-
-# ---- prompts and samples -------------------------------------------------------------------------------------
-
-
-def prompt_pool(name: str = "train_pool") -> list[Question]:
-    """Questions RL may train on: the world's train pool (outside the eval set), or one category of it."""
-    check_choice("prompts", name, PROMPT_POOLS)
-    pool = make_split(0).train_pool
-    return list(pool) if name == "train_pool" else [q for q in pool if q.category == name]
-
-
-def heldout_questions(name: str = "train_pool") -> list[Question]:
-    """The held-out evaluation questions that match a prompt pool (all of them, or one category)."""
-    check_choice("prompts", name, PROMPT_POOLS)
-    held = make_split(0).eval
-    return list(held) if name == "train_pool" else [q for q in held if q.category == name]
-
-
-def sample_responses(
-    model, tokenizer, questions: Sequence[Question], *, temperature: float, max_new_tokens: int,
-    generator: torch.Generator | None,
-) -> tuple[Rollout, list[str]]:
-    """One sampled response per question (Figure 1): the rollout (token ids, mask, log-probs) and the texts."""
-    prompts = [encode_prompt(tokenizer, q.question) for q in questions]
-    rollout = sample(
-        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator,
-        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-    )
-    return rollout, rollout.decode(tokenizer)
-
-
-def prompts_answered_wrong(
-    model, tokenizer, questions: Sequence[Question], *, reward_fn: RewardFn = gold_reward, below: float = 1.0,
-) -> list[Question]:
-    """The ``questions`` whose greedy answer earns a reward below ``below``: where the model has room to learn.
-
-    REINFORCE learns only where its samples differ in reward. A model that already answers a prompt perfectly
-    gives every sample of it the same reward, and the baseline cancels it; so a short run learns most on the
-    prompts it still gets wrong.
-    """
-    responses = answer(model, tokenizer, [q.question for q in questions])
-    rewards = score_responses(reward_fn, questions, responses)  # (B,)
-    return [q for q, r in zip(questions, rewards.tolist()) if r < below]
-
-
-def heldout_scores(model, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 24) -> dict[str, float]:
-    """Greedy answers to held-out ``questions``: mean gold score and the share graded correct."""
-    responses = answer(model, tokenizer, [q.question for q in questions], max_new_tokens=max_new_tokens)
-    gold = gold_reward(questions, responses)
-    correct = exact_match_reward(questions, responses)
-    return {"eval/gold_score": gold.mean().item(), "eval/accuracy": correct.mean().item()}
-
-
-class PromptSampler:
-    """Draws batches of questions: a seeded shuffle of the pool, reshuffled after each pass (each prompt once
-    per pass)."""
-
-    def __init__(self, pool: Sequence[Question], seed: int):
-        if len(pool) == 0:
-            raise ValueError("questions: expected at least one prompt, got none")
-        self.pool = list(pool)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-
-    def __call__(self, n: int) -> list[Question]:
-        batch = []
-        while len(batch) < n:
-            if not self.order:
-                self.order = torch.randperm(len(self.pool), generator=self.generator).tolist()
-            batch.append(self.pool[self.order.pop()])
-        return batch
 
 
 # ---- the REINFORCE loop --------------------------------------------------------------------------------------
@@ -244,8 +138,6 @@ def reinforce(
     generator = torch.Generator(device=device).manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     if critic is not None and config.baseline == "critic":
-        from rlmt_edu.algorithms.critic import critic_update, critic_values  # critic.py builds on this module
-
         critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=config.critic_learning_rate, weight_decay=0.0)
 
     history = History()
@@ -368,8 +260,6 @@ def gradient_variance(
         mask = rollout.response_mask
         baseline_values = {"none": 0.0, "mean": constant}
         if "critic" in baselines:
-            from rlmt_edu.algorithms.critic import critic_values  # critic.py builds on this module
-
             with torch.no_grad():
                 baseline_values["critic"] = critic_values(critic, rollout)  # (B, N)
         logp = policy_logprobs(model, rollout, temperature=temperature)  # (B, N)

@@ -171,7 +171,7 @@ def rewards_of(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def score_responses(model, tokenizer, questions: Sequence[str], responses: Sequence[str], *,
+def reward_model_scores(model, tokenizer, questions: Sequence[str], responses: Sequence[str], *,
                     batch_size: int = 256) -> Tensor:
     """R(text) of each (question, response), shape (B,), on the CPU: what PPO and GRAPE use as the reward."""
     was_training = model.training
@@ -264,7 +264,7 @@ def pair_rewards(model, tokenizer, pairs) -> tuple[Tensor, Tensor]:
     """R(text_i) and R(text_j) of every pair, (N,) each (each distinct text scored once)."""
     pairs = _as_pairs(pairs, "pairs")
     texts = list(dict.fromkeys((p.question.question, r) for p in pairs for r in (p.response_i, p.response_j)))
-    scores = score_responses(model, tokenizer, [q for q, _ in texts], [r for _, r in texts])
+    scores = reward_model_scores(model, tokenizer, [q for q, _ in texts], [r for _, r in texts])
     reward = {text: float(s) for text, s in zip(texts, scores)}
     r_i = torch.tensor([reward[(p.question.question, p.response_i)] for p in pairs])  # (N,)
     r_j = torch.tensor([reward[(p.question.question, p.response_j)] for p in pairs])  # (N,)
@@ -298,7 +298,7 @@ def response_table(model, tokenizer, pairs) -> dict[str, np.ndarray]:
         for response, gold in ((p.response_i, p.gold_i), (p.response_j, p.gold_j)):
             rows.setdefault((p.question.question, response), (p.question, gold))
     keys = list(rows)
-    scores = score_responses(model, tokenizer, [q for q, _ in keys], [r for _, r in keys])
+    scores = reward_model_scores(model, tokenizer, [q for q, _ in keys], [r for _, r in keys])
     return {
         "question": np.array([q for q, _ in keys]),
         "category": np.array([rows[k][0].category for k in keys]),
@@ -471,7 +471,7 @@ def reward_model_metrics(model, tokenizer, train_pairs, heldout_pairs) -> dict:
 
 
 def run_reward_model(config: RewardModelConfig = REWARD_MODEL_CONFIG, *, init: str | Path | None = None,
-                     out: str | Path | None = REWARD_MODEL_DIR, device=None, progress: bool = True):
+                     out: str | Path | None = None, device=None, progress: bool = True):
     """Train on the committed pairs, measure, and save to ``out`` (unless None). Returns (model, history, metrics)."""
     from rlmt_edu.algorithms.preference_data import load_preference_pairs
 

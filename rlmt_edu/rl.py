@@ -1,0 +1,144 @@
+"""What every RL chapter shares: prompt pools, the prompt sampler, sampled responses, and the rewards R(text).
+
+REINFORCE (chapter 03), the critic (04), TRPO (07), PPO (08), GRPO (09) and GRAPE (11) all draw prompts from
+the toy world, sample responses from the current policy (Figure 1, ``rlmt_edu.rollout.sample``), score them
+with a reward function, and report the held-out gold score. Those parts live here, below the procedures in
+``rlmt_edu.algorithms``, so that each chapter uses them rather than copies them.
+
+A reward function maps ``(questions, responses)`` (a list of ``world.tasks.Question`` and a list of response
+texts) to a float tensor of shape (B,). ``gold_reward`` is the toy world's hidden gold score in [0, 1];
+``exact_match_reward`` is 1 for an exactly correct answer (or the right refusal) and 0 otherwise.
+
+Shape legend: B batch, T tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from rlmt_edu.evaluation import answer
+from rlmt_edu.losses._checks import check_choice
+from rlmt_edu.rollout import Rollout, sample
+from rlmt_edu.tokenizer import encode_prompt
+from rlmt_edu.world.grading import grade
+from rlmt_edu.world.preference import gold_score
+from rlmt_edu.world.tasks import CATEGORIES, Question, make_split
+
+Tensor = torch.Tensor
+RewardFn = Callable[[Sequence[Question], Sequence[str]], Tensor]
+
+PROMPT_POOLS = ("train_pool", *CATEGORIES)
+
+
+# ---- reward functions R(text) -------------------------------------------------------------------------------
+
+
+def gold_reward(questions: Sequence[Question], responses: Sequence[str]) -> Tensor:
+    """R(text) = the world's gold score in [0, 1] (correct, complete, safe, concise): shape (B,)."""
+    return torch.tensor([gold_score(q, r) for q, r in zip(questions, responses)], dtype=torch.float32)
+
+
+def exact_match_reward(questions: Sequence[Question], responses: Sequence[str]) -> Tensor:
+    """R(text) = 1 if the response is graded correct (exact answer, or the right refusal), else 0: shape (B,)."""
+    return torch.tensor([float(grade(q, r).correct) for q, r in zip(questions, responses)], dtype=torch.float32)
+
+
+REWARDS: dict[str, RewardFn] = {"gold": gold_reward, "exact_match": exact_match_reward}
+
+
+def score_responses(reward_fn: RewardFn, questions: Sequence[Question], responses: Sequence[str]) -> Tensor:
+    """Call ``reward_fn(questions, responses)`` and check what it returns: a finite float tensor of shape (B,).
+
+    A reward function written by a user is a boundary: a NaN or a missing reward would silently poison the
+    loss, so this raises a ``ValueError`` naming ``reward_fn`` instead.
+    """
+    if not callable(reward_fn):
+        raise ValueError(f"reward_fn: expected a callable (questions, responses) -> tensor (B,), got {reward_fn!r:.60}")
+    rewards = reward_fn(questions, responses)
+    batch = len(responses)
+    if not isinstance(rewards, Tensor):
+        raise ValueError(f"reward_fn: expected it to return a torch.Tensor of shape ({batch},), got {type(rewards).__name__}")
+    if rewards.shape != (batch,):
+        raise ValueError(
+            f"reward_fn: expected one reward per response, shape ({batch},), got shape {tuple(rewards.shape)}"
+        )
+    if not torch.is_floating_point(rewards):
+        rewards = rewards.float()
+    if not bool(torch.isfinite(rewards).all()):
+        bad = int((~torch.isfinite(rewards)).sum())
+        raise ValueError(f"reward_fn: expected finite rewards, got {bad} NaN or inf of {batch}")
+    return rewards.detach().float().cpu()  # (B,)
+
+
+# ---- prompts and samples -------------------------------------------------------------------------------------
+
+
+def prompt_pool(name: str = "train_pool") -> list[Question]:
+    """Questions RL may train on: the world's train pool (outside the eval set), or one category of it."""
+    check_choice("prompts", name, PROMPT_POOLS)
+    pool = make_split(0).train_pool
+    return list(pool) if name == "train_pool" else [q for q in pool if q.category == name]
+
+
+def heldout_questions(name: str = "train_pool") -> list[Question]:
+    """The held-out evaluation questions that match a prompt pool (all of them, or one category)."""
+    check_choice("prompts", name, PROMPT_POOLS)
+    held = make_split(0).eval
+    return list(held) if name == "train_pool" else [q for q in held if q.category == name]
+
+
+def sample_responses(
+    model, tokenizer, questions: Sequence[Question], *, temperature: float, max_new_tokens: int,
+    generator: torch.Generator | None,
+) -> tuple[Rollout, list[str]]:
+    """One sampled response per question (Figure 1): the rollout (token ids, mask, log-probs) and the texts."""
+    prompts = [encode_prompt(tokenizer, q.question) for q in questions]
+    rollout = sample(
+        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator,
+        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+    )
+    return rollout, rollout.decode(tokenizer)
+
+
+def prompts_answered_wrong(
+    model, tokenizer, questions: Sequence[Question], *, reward_fn: RewardFn = gold_reward, below: float = 1.0,
+) -> list[Question]:
+    """The ``questions`` whose greedy answer earns a reward below ``below``: where the model has room to learn.
+
+    REINFORCE learns only where its samples differ in reward. A model that already answers a prompt perfectly
+    gives every sample of it the same reward, and the baseline cancels it; so a short run learns most on the
+    prompts it still gets wrong.
+    """
+    responses = answer(model, tokenizer, [q.question for q in questions])
+    rewards = score_responses(reward_fn, questions, responses)  # (B,)
+    return [q for q, r in zip(questions, rewards.tolist()) if r < below]
+
+
+def heldout_scores(model, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 24) -> dict[str, float]:
+    """Greedy answers to held-out ``questions``: mean gold score and the share graded correct."""
+    responses = answer(model, tokenizer, [q.question for q in questions], max_new_tokens=max_new_tokens)
+    gold = gold_reward(questions, responses)
+    correct = exact_match_reward(questions, responses)
+    return {"eval/gold_score": gold.mean().item(), "eval/accuracy": correct.mean().item()}
+
+
+class PromptSampler:
+    """Draws batches of questions: a seeded shuffle of the pool, reshuffled after each pass (each prompt once
+    per pass)."""
+
+    def __init__(self, pool: Sequence[Question], seed: int):
+        if len(pool) == 0:
+            raise ValueError("questions: expected at least one prompt, got none")
+        self.pool = list(pool)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def __call__(self, n: int) -> list[Question]:
+        batch = []
+        while len(batch) < n:
+            if not self.order:
+                self.order = torch.randperm(len(self.pool), generator=self.generator).tolist()
+            batch.append(self.pool[self.order.pop()])
+        return batch
