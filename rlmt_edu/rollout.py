@@ -97,6 +97,32 @@ def policy_logprobs(model: PreTrainedModel, rollout: Rollout, *, temperature: fl
     return torch.where(rollout.response_mask.to(logp.device) != 0, logp, torch.zeros_like(logp))  # (B, N)
 
 
+def policy_logits(model: PreTrainedModel, rollout: Rollout, *, temperature: float = 1.0) -> Tensor:
+    """The whole next-token distribution π(· | s_t) at every response position of ``rollout``, as logits:
+    (B, N, V), from one forward pass.
+
+    | symbol | argument | shape |
+    |---|---|---|
+    | π, the policy being scored | ``model`` | |
+    | s_t: prompts and the response tokens before a_t | ``rollout`` | (B, P), (B, N) |
+    | logits of π(· \\| s_t) (divided by ``temperature``) | returned | (B, N, V) |
+
+    ``log_softmax(policy_logits(...))`` picked at the sampled tokens is ``policy_logprobs``; the full rows are
+    what an exact KL over the vocabulary (Eq. 8) needs. Rows where ``rollout.response_mask`` is 0 are scores
+    after the response ended: ignore them. Gradients flow into ``model``.
+    """
+    if not isinstance(rollout, Rollout):
+        raise ValueError(f"rollout: expected a Rollout, got {type(rollout).__name__}")
+    temperature = check_positive("temperature", temperature)
+    input_ids, attention_mask = rollout.sequences()
+    device = model.get_input_embeddings().weight.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits  # (B, P+N, V)
+    # logits[:, t] has seen tokens 0..t and scores token t + 1: the same columns as policy_logprobs
+    return logits[:, rollout.response_slice].float() / temperature  # (B, N, V)
+
+
 def sample(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],

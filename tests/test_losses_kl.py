@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlmt_edu.losses.kl import kl_divergence, kl_estimator_k1, kl_estimator_k3
+from rlmt_edu.equations import INDEX
+from rlmt_edu.losses.kl import kl_divergence, kl_estimator_k1, kl_estimator_k2, kl_estimator_k3
 
 NAN, INF = float("nan"), float("inf")
 LN2 = math.log(2.0)
@@ -209,7 +210,7 @@ def test_kl_estimator_k3_gradcheck():
     assert torch.autograd.gradcheck(lambda lp: kl_estimator_k3(lp, logp_ref), (logp.requires_grad_(),))
 
 
-@pytest.mark.parametrize("fn", [kl_estimator_k1, kl_estimator_k3], ids=["k1", "k3"])
+@pytest.mark.parametrize("fn", [kl_estimator_k1, kl_estimator_k2, kl_estimator_k3], ids=["k1", "k2", "k3"])
 def test_kl_estimators_stable_for_log_ratios_of_80(fn):
     logp = torch.tensor([-80.0, 0.0, -1.0], requires_grad=True)
     logp_ref = torch.tensor([0.0, -80.0, -1.0], requires_grad=True)
@@ -239,3 +240,39 @@ def test_kl_estimator_k1_rejects_bad_input(override, arg):
 @pytest.mark.parametrize("override,arg", [b[1:] for b in ESTIMATOR_BAD], ids=[b[0] for b in ESTIMATOR_BAD])
 def test_kl_estimator_k3_rejects_bad_input(override, arg):
     assert_rejects(kl_estimator_k3, {**ESTIMATOR_VALID, **override}, arg)
+
+
+@pytest.mark.parametrize("override,arg", [b[1:] for b in ESTIMATOR_BAD], ids=[b[0] for b in ESTIMATOR_BAD])
+def test_kl_estimator_k2_rejects_bad_input(override, arg):
+    assert_rejects(kl_estimator_k2, {**ESTIMATOR_VALID, **override}, arg)
+
+
+# ---------------------------------------------------------------- k2, beyond the paper
+
+
+def test_kl_estimator_k2_hand_value():
+    # log r = log π_ref - log π: -1, +1, 0 -> ½(log r)² = 0.5, 0.5, 0
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    logp_ref = torch.tensor([-2.0, -1.0, -0.5])
+    torch.testing.assert_close(kl_estimator_k2(logp, logp_ref), torch.tensor([0.5, 0.5, 0.0]))
+
+
+def test_kl_estimator_k2_is_biased_but_its_loss_gradient_is_the_gradient_of_the_kl():
+    """E_π[k2] != KL(π‖π_ref) here, but E_π[∇ k2] = ∇ KL(π‖π_ref) exactly (summed over the vocabulary)."""
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5, -2.0], dtype=torch.float64, requires_grad=True)
+    logits_ref = torch.tensor([0.0, 0.5, 0.0, -0.5, 0.0], dtype=torch.float64)
+    log_pi, log_ref = torch.log_softmax(logits, 0), torch.log_softmax(logits_ref, 0)
+    pi = log_pi.exp().detach()
+    exact = kl_divergence(logits, logits_ref)
+    (grad_exact,) = torch.autograd.grad(exact, logits)
+    k2 = kl_estimator_k2(log_pi, log_ref)  # (V,) the value of k2 if each token had been sampled
+    assert abs(float((pi * k2).sum()) - float(exact)) > 1e-3  # biased
+    # the expected gradient of k2 as a loss: Σ_a π(a) ∇ k2(a), the token fixed, π(a) not differentiated
+    (grad_k2,) = torch.autograd.grad((pi * k2).sum(), logits)
+    torch.testing.assert_close(grad_k2, grad_exact)
+
+
+def test_kl_estimators_beyond_the_paper_are_labelled_so_in_the_index():
+    labels = {eq.function.rsplit(".", 1)[1]: eq.label for eq in INDEX}
+    assert labels["kl_estimator_k2"] == labels["kl_estimator_k3"] == "beyond the paper"
+    assert "Beyond the paper" in kl_estimator_k2.__doc__ and "Beyond the paper" in kl_estimator_k3.__doc__

@@ -27,6 +27,7 @@ from rlmt_edu.losses import (
     grpo_loss,
     importance_weighted_loss,
     kl_estimator_k1,
+    kl_estimator_k2,
     kl_estimator_k3,
     kl_shaped_rewards,
     monte_carlo_average_variances,
@@ -112,6 +113,7 @@ CONSTANT_CASES = {
     "dpo_loss": (_dpo_case, lambda **k: dpo_loss(**k, beta=0.5)[0], ("logp_ref_chosen", "logp_ref_rejected"),
                  ("logp_chosen", "logp_rejected")),
     "kl_estimator_k1": (_k_case, lambda **k: kl_estimator_k1(**k).sum(), ("logp_ref",), ("logp",)),
+    "kl_estimator_k2": (_k_case, lambda **k: kl_estimator_k2(**k).sum(), ("logp_ref",), ("logp",)),
     "kl_estimator_k3": (_k_case, lambda **k: kl_estimator_k3(**k).sum(), ("logp_ref",), ("logp",)),
 }
 
@@ -172,6 +174,7 @@ LOGPROB_CASES = [
      lambda **k: naive_preference_loss(**k), ("logp_chosen", "logp_rejected")),
     ("dpo_loss", _dpo_case, lambda **k: dpo_loss(**k), tuple(_dpo_case())),
     ("kl_estimator_k1", _k_case, lambda **k: kl_estimator_k1(**k), ("logp", "logp_ref")),
+    ("kl_estimator_k2", _k_case, lambda **k: kl_estimator_k2(**k), ("logp", "logp_ref")),
     ("kl_estimator_k3", _k_case, lambda **k: kl_estimator_k3(**k), ("logp", "logp_ref")),
 ]
 

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlmt_edu.model import ModelConfig, build_model, position_ids_from_mask, sequence_logprobs
-from rlmt_edu.rollout import LeanGPT2, Rollout, left_pad, policy_logprobs, sample
+from rlmt_edu.rollout import LeanGPT2, Rollout, left_pad, policy_logits, policy_logprobs, sample
 from rlmt_edu.tokenizer import build_tokenizer
 
 WORDS = (
@@ -120,6 +120,22 @@ def test_cached_logprobs_equal_a_full_forward_pass(model, prompts, tokenizer):
     rescored = policy_logprobs(model, rollout)  # (B, N)
     torch.testing.assert_close(rescored, rollout.logp, atol=1e-5, rtol=0)
     assert bool((rollout.logp[rollout.response_mask.bool()] < 0).all())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_policy_logits_are_the_distributions_the_sampled_tokens_were_scored_under(model, prompts, tokenizer,
+                                                                                temperature):
+    rollout = sample(model, prompts, max_new_tokens=8, temperature=temperature,
+                     generator=torch.Generator().manual_seed(3), **_ids(tokenizer))
+    logits = policy_logits(model, rollout, temperature=temperature)  # (B, N, V)
+    assert logits.shape == (*rollout.response_ids.shape, model.config.vocab_size)
+    picked = torch.log_softmax(logits, -1).gather(-1, rollout.response_ids[..., None])[..., 0]  # (B, N)
+    torch.testing.assert_close(picked * rollout.response_mask, rollout.logp, atol=1e-5, rtol=0)
+
+
+def test_policy_logits_rejects_what_is_not_a_rollout(model):
+    with pytest.raises(ValueError, match="rollout: expected a Rollout"):
+        policy_logits(model, "not a rollout")
 
 
 def test_logprobs_are_under_the_tempered_distribution(model, prompts, tokenizer):

@@ -33,7 +33,7 @@ from rlmt_edu.losses.grape import (
 from rlmt_edu.losses.grpo import group_relative_advantage, grpo_loss
 from rlmt_edu.losses.importance import importance_sampling_estimate, importance_weighted_loss
 from rlmt_edu.losses.information import cross_entropy, entropy
-from rlmt_edu.losses.kl import kl_divergence, kl_estimator_k1, kl_estimator_k3
+from rlmt_edu.losses.kl import kl_divergence, kl_estimator_k1, kl_estimator_k2, kl_estimator_k3
 from rlmt_edu.losses.nll import nll, sft_loss, token_logp
 from rlmt_edu.losses.policy_gradient import reinforce_loss, reward_weighted_loss
 from rlmt_edu.losses.ppo import kl_shaped_advantage, kl_shaped_rewards, ppo_clip_loss
@@ -49,7 +49,7 @@ from rlmt_edu.losses.trpo import trpo_constraint_satisfied, trpo_penalty_loss
 __all__ = [
     "nll", "sft_loss", "preference_bce_loss", "reward_weighted_loss", "reinforce_loss", "advantage", "gae",
     "preference_probability", "reward_function_loss", "reward_model_loss", "importance_sampling_estimate",
-    "importance_weighted_loss", "kl_divergence", "kl_estimator_k1", "kl_estimator_k3", "trpo_penalty_loss",
+    "importance_weighted_loss", "kl_divergence", "kl_estimator_k1", "kl_estimator_k2", "kl_estimator_k3", "trpo_penalty_loss",
     "trpo_constraint_satisfied", "ppo_clip_loss", "kl_shaped_rewards", "kl_shaped_advantage",
     "group_relative_advantage", "grpo_loss", "naive_preference_loss", "dpo_loss", "mean_rubric_confidence",
     "grape_reward", "grape_sequence_loss", "average_variances", "entropy", "cross_entropy",

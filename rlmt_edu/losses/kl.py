@@ -8,7 +8,9 @@ logits_old)``.
 The per-token estimators use only the log-probabilities of the tokens that were actually sampled, as the
 KL-in-the-reward of §4.7 (Eq. 12) does. For tokens sampled from π, both estimate D_KL(π‖π_ref):
 k1 = log π(a) - log π_ref(a) is unbiased but is negative for some tokens; k3 = (r - 1) - log r with
-r = π_ref(a)/π(a) is also unbiased (E_π[r] = 1) and never negative.
+r = π_ref(a)/π(a) is also unbiased (E_π[r] = 1) and never negative; k2 = ½ (log r)² is never negative and
+biased, but its gradient as a loss is the gradient of D_KL(π‖π_ref). k1 is the paper's (§4.7, Eq. 12);
+k2 and k3 are beyond the paper, the estimators RLHF code uses (chapter 06 measures all three).
 
 Gradients: ``kl_divergence`` lets gradient flow into both arguments (fitting either direction of KL is the
 point of chapter 06; detach the one you hold fixed, e.g. ``kl_divergence(logits_old.detach(), logits)`` for
@@ -108,8 +110,29 @@ def kl_estimator_k1(logp: Tensor, logp_ref: Tensor) -> Tensor:
     return logp - logp_ref.detach()
 
 
+def kl_estimator_k2(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """Beyond the paper: the squared-log-ratio estimate of D_KL(π ‖ π_ref), token by token.
+
+        k2 = ½ (log r)²,   r = π_ref(a_t|s_t) / π(a_t|s_t)
+
+    | symbol | argument | shape |
+    |---|---|---|
+    | log π(a_t \\| s_t), the model that sampled a_t | ``logp`` | any, e.g. (B, T) |
+    | log π_ref(a_t \\| s_t), the reference | ``logp_ref`` | same as ``logp`` |
+    | k2 per token | returned | same as ``logp`` |
+
+    Never negative and biased: E_π[k2] ≈ D_KL(π‖π_ref) only while π and π_ref are close (it agrees to second
+    order in log r). Used as a loss on tokens sampled from π, its gradient is (log π - log π_ref)·∇log π,
+    whose expectation is exactly ∇ D_KL(π‖π_ref): the estimator to differentiate, not the one to report.
+    """
+    _check_token_logps(logp, logp_ref)
+    log_r = logp_ref.detach() - logp  # log r = log π_ref - log π; the reference is a constant
+    # k2 = ½ (log r)²
+    return 0.5 * log_r**2
+
+
 def kl_estimator_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
-    """§8.4: a never-negative, unbiased single-sample estimate of D_KL(π ‖ π_ref), token by token.
+    """Beyond the paper (the §8.4 KL, estimated): a never-negative, unbiased single-sample estimate of D_KL(π ‖ π_ref), token by token.
 
         k3 = (r - 1) - log r,   r = π_ref(a_t|s_t) / π(a_t|s_t)
 
@@ -120,7 +143,8 @@ def kl_estimator_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
     | k3 per token | returned | same as ``logp`` |
 
     Unbiased because E_π[r - 1] = Σ_a π_ref(a) - 1 = 0, so E_π[k3] = E_π[-log r] = D_KL(π‖π_ref); never
-    negative because x - 1 ≥ log x. (Not in the paper; it is the estimator most RLHF code uses.)
+    negative because x - 1 ≥ log x. (Not in the paper; it is the estimator most RLHF code uses.) As a loss its
+    gradient, (1 - r)·∇log π, has expectation ∇ D_KL(π_ref‖π): the *other* direction (chapter 06).
 
     Computed as expm1(log r) - log r with log r = logp_ref - logp, never as (exp(log r) - 1) - log r: for
     |log r| below ~1e-4 in float32, exp(log r) - 1 keeps few correct digits and the difference can come out
