@@ -1,9 +1,10 @@
 """The chapter recipes that the CLI, the notebooks and the reproduction tests share.
 
-Each recipe fixes the config a chapter uses, runs the procedure, measures the chapter's numbers and saves a
-checkpoint with those numbers in its metadata (``rlmt_edu.json``). ``rlmt-edu pretrain`` and ``rlmt-edu sft``
-call these, and ``tests/test_checkpoints.py`` checks that running them again reproduces the committed
-checkpoints' metrics.
+Each recipe fixes the config a chapter uses, runs the procedure, measures the chapter's numbers and, given
+``out``, saves a checkpoint with those numbers in its metadata (``rlmt_edu.json``); nothing is saved by default,
+so no call overwrites the committed checkpoints by accident. ``rlmt-edu pretrain`` and ``rlmt-edu sft`` call
+these, and ``tests/test_checkpoints.py`` checks that running them again reproduces the committed checkpoints'
+metrics.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def pretrain_metrics(model, tokenizer, history: History) -> dict:
     }
 
 
-def run_pretrain(config: PretrainConfig = PRETRAIN_CONFIG, *, out: Path | None = PRETRAINED, device=None,
+def run_pretrain(config: PretrainConfig = PRETRAIN_CONFIG, *, out: Path | None = None, device=None,
                  progress: bool = True):
     """Pretrain on the committed corpus; save to ``out`` (unless None). Returns (model, history, metrics)."""
     from rlmt_edu.world.vocab import world_tokenizer
@@ -75,11 +76,11 @@ def sft_metrics(model, tokenizer) -> dict:
     return {k: round(v, 4) for k, v in metrics.items()}
 
 
-def run_sft(config: SFTConfig = SFT_CONFIG, *, init: Path = PRETRAINED, out: Path | None = SFT, device=None,
+def run_sft(config: SFTConfig = SFT_CONFIG, *, init: Path = PRETRAINED, out: Path | None = None, device=None,
             progress: bool = True, eval_every: bool = False):
     """Instruction-tune the checkpoint at ``init`` on the committed SFT pairs; save to ``out`` (unless None).
     Returns (model, history, metrics)."""
-    model, tokenizer = load_checkpoint(init, device=choose_device(device))
+    model, tokenizer = load_checkpoint(init, device=choose_device(device), argument="init")
     evaluate_fn = (lambda m: sft_metrics(m, tokenizer)) if eval_every else None
     history = sft(model, tokenizer, sft_pairs(), config, evaluate=evaluate_fn, progress=progress)
     metrics = {"loss/sft": round(history.last("loss/sft"), 4), **sft_metrics(model, tokenizer)}

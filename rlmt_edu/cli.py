@@ -1,21 +1,24 @@
 """The ``rlmt-edu`` command: regenerate data, train the chapter models, chat with a checkpoint.
 
-    rlmt-edu data                      # rewrite data/*.jsonl from the toy world's seeded generators
-    rlmt-edu pretrain                  # chapter 00: data/checkpoints/pretrained
-    rlmt-edu sft                       # chapter 01: data/checkpoints/sft (from the pretrained checkpoint)
+    rlmt-edu data                      # the toy world's data files, into runs/data
+    rlmt-edu pretrain                  # chapter 00, into runs/pretrained
+    rlmt-edu sft                       # chapter 01, into runs/sft (from the committed pretrained checkpoint)
     rlmt-edu chat --question "what is 3 plus 4 ?"
+
+New work goes under ``runs/`` (or ``--out``); only ``--update-committed`` writes over the committed files
+under ``data/``. Every error is one line on stderr, ``rlmt-edu <command>: <message>``, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import sys
+import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-CHECKPOINTS = REPO / "data" / "checkpoints"
+from rlmt_edu.paths import DATA, PRETRAINED, REWARD_MODEL, RUNS, SFT, relative_to_repo
 
 
 def _print_table(title: str, metrics: dict) -> None:
@@ -65,7 +68,7 @@ def cmd_chat(args) -> int:
     from rlmt_edu.evaluation import answer
     from rlmt_edu.model import load_checkpoint
 
-    model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
+    model, tokenizer = load_checkpoint(args.checkpoint, device=args.device, argument="checkpoint")
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     greedy = args.temperature == 0
 
@@ -76,6 +79,16 @@ def cmd_chat(args) -> int:
     if args.question is not None:
         print(reply(args.question))
         return 0
+    if not sys.stdin.isatty():  # piped: one answer per question line, and nothing else on stdout
+        code = 0
+        for question in filter(None, (line.strip() for line in sys.stdin)):
+            try:
+                print(reply(question), flush=True)
+            except ValueError as error:  # an empty line keeps the n-th answer on the n-th line
+                print(flush=True)
+                print(f"rlmt-edu chat: {error}", file=sys.stderr)
+                code = 2
+        return code
     print(f"chatting with {args.checkpoint} (empty line or Ctrl-D to stop)")
     while True:
         try:
@@ -99,15 +112,15 @@ def cmd_reinforce(args) -> int:
 
     from rlmt_edu import plots
     from rlmt_edu.algorithms.critic import CriticConfig, build_critic, train_critic
-    from rlmt_edu.algorithms.reinforce import (
-        REWARDS, ReinforceConfig, gradient_variance, prompt_pool, prompts_answered_wrong, reinforce)
+    from rlmt_edu.algorithms.reinforce import ReinforceConfig, gradient_variance, reinforce
+    from rlmt_edu.rl import REWARDS, prompt_pool, prompts_answered_wrong
     from rlmt_edu.model import load_checkpoint
     from rlmt_edu.utils import choose_device
 
     config = _replace(ReinforceConfig(), steps=args.steps, seed=args.seed, baseline=args.baseline,
                       prompts=args.prompts, reward=args.reward, learning_rate=args.lr,
                       prompts_per_step=args.prompts_per_step)
-    model, tokenizer = load_checkpoint(args.init, device=choose_device(args.device))
+    model, tokenizer = load_checkpoint(args.init, device=choose_device(args.device), argument="init")
     device = next(model.parameters()).device
     out = Path(args.out)
     questions = prompt_pool(config.prompts)
@@ -168,7 +181,7 @@ def cmd_preference_data(args) -> int:
 
     config = _replace(PreferenceDataConfig(), seed=args.seed, samples_per_question=args.samples_per_question,
                       temperature=args.temperature)
-    model, tokenizer = load_checkpoint(args.init, device=args.device)  # CPU by default: the committed bytes
+    model, tokenizer = load_checkpoint(args.init, device=args.device, argument="init")  # CPU: the committed bytes
     records = generate_preference_data(model, tokenizer, config, progress=not args.quiet)
     for path in write_preference_data(records, args.out):
         print(f"wrote {path}")
@@ -227,7 +240,7 @@ def cmd_rejection_sampling(args) -> int:
     config = _replace(RejectionSamplingConfig(), ranker=args.ranker, rounds=args.rounds, seed=args.seed,
                       prompts_per_round=args.prompts_per_round, group_size=args.group_size,
                       temperature=args.temperature, sft_steps=args.sft_steps, learning_rate=args.lr)
-    model, tokenizer = load_checkpoint(args.init, device=choose_device(args.device))
+    model, tokenizer = load_checkpoint(args.init, device=choose_device(args.device), argument="init")
     device = next(model.parameters()).device
     out = Path(args.out)
     metrics = {"ranker": config.ranker}
@@ -263,30 +276,74 @@ def cmd_rejection_sampling(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, ``rlmt-edu <command>: <message>``, like the commands' own."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _checked(convert, ok, expected: str):
+    """An argparse ``type=``: ``convert(text)``, refused (one clean line, exit 2) unless ``ok(value)``."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE_INT = _checked(int, lambda v: v >= 1, "an int >= 1")
+NON_NEGATIVE_INT = _checked(int, lambda v: v >= 0, "an int >= 0")
+POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)"
+SEED_HELP = "random seed (default: the chapter's)"
+QUIET_HELP = "no progress bar"
+CPU_CAVEAT = ("on another CPU (or thread count, or library version) the numbers differ slightly, so the tests "
+              "that compare against the committed data may then fail")
+
+
+def _add_out(p, what: str, default: Path, committed: Path, caveat: str = CPU_CAVEAT) -> None:
+    """``--out`` (default under runs/) and, exclusive with it, ``--update-committed`` (write to ``committed``)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--out", default=str(default), help=f"{what} (default: {relative_to_repo(default)})")
+    group.add_argument("--update-committed", action="store_true",
+                       help=f"overwrite the committed files under {relative_to_repo(committed)}/ instead; {caveat}")
+    p.set_defaults(committed_out=committed)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlmt-edu", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="rlmt-edu", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="regenerate the toy world's data files")
-    p.add_argument("--out", default=str(REPO / "data"), help="folder to write to (default: the repo's data/)")
+    _add_out(p, "folder to write the data files to", RUNS / "data", DATA,
+             caveat="generation is pure Python, so the bytes are the same on every machine")
     p.set_defaults(func=cmd_data)
 
-    for name, helptext, default_out in (
-        ("pretrain", "pretrain a tiny GPT on the corpus (chapter 00)", CHECKPOINTS / "pretrained"),
-        ("sft", "instruction-tune the pretrained model (chapter 01)", CHECKPOINTS / "sft"),
+    for name, helptext, committed in (
+        ("pretrain", "pretrain a tiny GPT on the corpus (chapter 00)", PRETRAINED),
+        ("sft", "instruction-tune the pretrained model (chapter 01)", SFT),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--out", default=str(default_out), help=f"checkpoint folder (default: {default_out.relative_to(REPO)})")
-        p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the chapter's)")
-        p.add_argument("--seed", type=int, default=None, help="random seed (default: the chapter's)")
-        p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda, then mps, then cpu)")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        _add_out(p, "checkpoint folder", RUNS / committed.name, committed)
+        p.add_argument("--steps", type=POSITIVE_INT, default=None, help="optimiser steps (default: the chapter's)")
+        p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help=SEED_HELP)
+        p.add_argument("--device", default=None, help=DEVICE_HELP)
+        p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
         if name == "sft":
-            p.add_argument("--init", default=str(CHECKPOINTS / "pretrained"), help="checkpoint to start from")
-        p.set_defaults(func=cmd_pretrain if name == "pretrain" else cmd_sft)
+            p.add_argument("--init", default=str(PRETRAINED),
+                           help="checkpoint to start from (default: the committed data/checkpoints/pretrained)")
+        p.set_defaults(func=cmd_pretrain if name == "pretrain" else cmd_sft, checkpoint_out=True)
 
-    p = sub.add_parser("reinforce", help="REINFORCE from the SFT checkpoint, with or without a baseline (chapters 03-04)")
-    p.add_argument("--init", default=str(CHECKPOINTS / "sft"), help="checkpoint to start from")
+    p = sub.add_parser("reinforce",
+                       help="REINFORCE from the SFT checkpoint, with or without a baseline (chapters 03-04)")
+    p.add_argument("--init", default=str(SFT), help="checkpoint to start from (default: data/checkpoints/sft)")
     p.add_argument("--baseline", choices=("none", "mean", "critic"), default=None, help="default: mean")
     p.add_argument("--reward", choices=("gold", "exact_match"), default=None, help="default: gold")
     p.add_argument("--prompts", choices=("train_pool", "math", "facts", "safety"), default=None,
@@ -294,71 +351,112 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-prompts", action="store_true",
                    help="train on the whole pool (default: only the prompts the start model answers wrong, "
                         "greedily, as in chapter 03; on the others every sample earns the same reward)")
-    p.add_argument("--steps", type=int, default=None, help="policy updates (default: the chapter's)")
-    p.add_argument("--prompts-per-step", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="policy learning rate")
-    p.add_argument("--critic-steps", type=int, default=60, help="critic pre-fit steps (baseline critic)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="policy updates (default: the chapter's)")
+    p.add_argument("--prompts-per-step", type=POSITIVE_INT, default=None,
+                   help="S, prompts sampled per policy update (default: the chapter's)")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="policy learning rate (default: the chapter's)")
+    p.add_argument("--critic-steps", type=POSITIVE_INT, default=60, help="critic pre-fit steps (baseline critic)")
     p.add_argument("--gradient-variance", action="store_true",
                    help="first measure the gradient variance of each baseline at the start policy")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=str(REPO / "runs" / "reinforce"), help="folder for plots (default: runs/reinforce)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help=SEED_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--out", default=str(RUNS / "reinforce"), help="folder for plots (default: runs/reinforce)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_reinforce)
 
     p = sub.add_parser("preference-data", help="sample, pair and label responses of the SFT model (chapter 05 data)")
-    p.add_argument("--init", default=str(CHECKPOINTS / "sft"), help="checkpoint to sample from")
-    p.add_argument("--out", default=str(REPO / "data"), help="folder for the two JSONL files (default: data/)")
-    p.add_argument("--plots", default=str(REPO / "runs" / "preference_data"), help="folder for the plot")
-    p.add_argument("--samples-per-question", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--init", default=str(SFT), help="checkpoint to sample from (default: data/checkpoints/sft)")
+    _add_out(p, "folder for the two JSONL files", RUNS / "preference_data", DATA)
+    p.add_argument("--plots", default=str(RUNS / "preference_data"),
+                   help="folder for the plot (default: runs/preference_data)")
+    p.add_argument("--samples-per-question", type=POSITIVE_INT, default=None,
+                   help="responses sampled per question (default: the chapter's)")
+    p.add_argument("--temperature", type=POSITIVE, default=None, help="sampling temperature (default: the chapter's)")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help=SEED_HELP)
     p.add_argument("--device", default="cpu", help="default cpu: the committed files were sampled on the CPU")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_preference_data)
 
     p = sub.add_parser("reward-model", help="train the reward model of chapter 05 on the preference pairs")
-    p.add_argument("--init", default=str(CHECKPOINTS / "sft"), help="checkpoint whose trunk starts the model")
-    p.add_argument("--out", default=str(CHECKPOINTS / "reward_model"), help="checkpoint folder")
-    p.add_argument("--plots", default=str(REPO / "runs" / "reward_model"), help="folder for the plots")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the chapter's)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_reward_model)
+    p.add_argument("--init", default=str(SFT),
+                   help="checkpoint whose trunk starts the model (default: data/checkpoints/sft)")
+    _add_out(p, "checkpoint folder", RUNS / "reward_model", REWARD_MODEL)
+    p.add_argument("--plots", default=str(RUNS / "reward_model"),
+                   help="folder for the plots (default: runs/reward_model)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="optimiser steps (default: the chapter's)")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help=SEED_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    p.set_defaults(func=cmd_reward_model, checkpoint_out=True)
 
     p = sub.add_parser("rejection-sampling", help="rounds of §3's sample / rank / keep / SFT loop (chapter 02)")
-    p.add_argument("--init", default=str(CHECKPOINTS / "sft"), help="checkpoint to start from")
+    p.add_argument("--init", default=str(SFT), help="checkpoint to start from (default: data/checkpoints/sft)")
     p.add_argument("--ranker", choices=("gold", "labeller", "preference_model"), default=None,
                    help="who picks the best of G (default: gold); preference_model first trains one on the pairs")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--prompts-per-round", type=int, default=None)
-    p.add_argument("--group-size", type=int, default=None, help="G, samples per prompt (at least 2)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps per round")
-    p.add_argument("--lr", type=float, default=None, help="SFT learning rate")
-    p.add_argument("--pm-steps", type=int, default=None, help="preference-model training steps")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=str(REPO / "runs" / "rejection_sampling"),
+    p.add_argument("--rounds", type=POSITIVE_INT, default=None,
+                   help="sample / rank / SFT rounds (default: the chapter's)")
+    p.add_argument("--prompts-per-round", type=POSITIVE_INT, default=None,
+                   help="Q, prompts drawn per round (default: the chapter's)")
+    p.add_argument("--group-size", type=POSITIVE_INT, default=None, help="G, samples per prompt (at least 2)")
+    p.add_argument("--temperature", type=POSITIVE, default=None, help="sampling temperature (default: the chapter's)")
+    p.add_argument("--sft-steps", type=POSITIVE_INT, default=None, help="SFT steps per round")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="SFT learning rate")
+    p.add_argument("--pm-steps", type=POSITIVE_INT, default=None, help="preference-model training steps")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help=SEED_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--out", default=str(RUNS / "rejection_sampling"),
                    help="folder for plots and histories (default: runs/rejection_sampling)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_rejection_sampling)
 
-    p = sub.add_parser("chat", help="ask a checkpoint questions")
-    p.add_argument("--checkpoint", default=str(CHECKPOINTS / "sft"), help="checkpoint folder")
+    p = sub.add_parser("chat", help="ask a checkpoint questions: --question, else one per line of stdin")
+    p.add_argument("--checkpoint", default=str(SFT), help="language-model checkpoint (default: data/checkpoints/sft)")
     p.add_argument("--question", default=None, help="ask one question and exit (non-interactive)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy answers (default)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 for greedy answers (default)")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=24, help="longest answer, in tokens (default: 24)")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cpu)")
     p.set_defaults(func=cmd_chat)
     return parser
+
+
+def _check_writable(args) -> None:
+    """Fail before any work if an output folder cannot be written: create it, then a probe file in it.
+
+    A checkpoint is written beside its folder and moved into place (``save_checkpoint``), so for one the
+    parent folder is probed.
+    """
+    for name in ("out", "plots"):
+        if getattr(args, name, None) is None:
+            continue
+        path = Path(getattr(args, name))
+        file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        folder = path.parent if name == "out" and getattr(args, "checkpoint_out", False) else path
+        reason = f"{str(file)!r} is a file, not a folder" if file is not None else _probe(folder)
+        if reason is not None:
+            raise ValueError(f"--{name}: expected a folder that can be written, got {str(path)!r} ({reason})")
+
+
+def _probe(folder: Path) -> str | None:
+    """None if ``folder`` can be created and a file written in it (and removed again), else why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".rlmt-edu-probe."):
+            return None
+    except OSError as error:
+        return error.strerror
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "update_committed", False):
+            args.out = str(args.committed_out)
+        if getattr(args, "device", None) is not None:
+            from rlmt_edu.utils import choose_device
+
+            choose_device(args.device)  # a device that is not here fails now, not after loading and training
+        _check_writable(args)
         return args.func(args)
     except ValueError as error:
         print(f"rlmt-edu {args.command}: {error}", file=sys.stderr)

@@ -185,24 +185,44 @@ def _check_checkpoint_dir(path: str | Path, argument: str = "path") -> Path:
 
 
 def load_checkpoint(
-    path: str | Path, *, device: str | torch.device | None = None
+    path: str | Path, *, device: str | torch.device | None = None, argument: str = "path"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a folder written by ``save_checkpoint`` (or any local causal-LM checkpoint in safetensors).
 
     Local files only (nothing reaches the network) and safetensors only (nothing is unpickled). The model is
-    returned in eval mode on ``device`` (default: the CPU).
+    returned in eval mode on ``device`` (default: the CPU). A checkpoint of another kind, such as a reward
+    model or a critic (a scalar head, see ``build_reward_model``), is refused with a ``ValueError`` naming
+    ``argument``, rather than loaded as a language model whose head was never trained.
     """
-    folder = _check_checkpoint_dir(path)
+    folder = _check_checkpoint_dir(path, argument)
     if not (folder / "tokenizer_config.json").is_file():
         raise ValueError(
-            f"path: expected a tokenizer (tokenizer_config.json) beside the model in {str(path)!r}, found none"
+            f"{argument}: expected a tokenizer (tokenizer_config.json) beside the model in {str(path)!r}, found none"
         )
+    _check_language_model(folder, argument)
     with _no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+#: The heads ``build_value_model`` and ``build_reward_model`` save, by the class name in config.json.
+_SCALAR_HEADS = {"ForSequenceClassification": "a reward model", "ForTokenClassification": "a value model (critic)"}
+
+
+def _check_language_model(folder: Path, argument: str) -> None:
+    """Refuse a checkpoint whose config.json ``architectures`` names no causal LM (naming none is accepted)."""
+    try:
+        names = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{argument}: expected a readable config.json in {str(folder)!r}, got {error}") from None
+    names = [str(name) for name in names] if isinstance(names, list) else []
+    if names and not any(name.endswith(("LMHeadModel", "ForCausalLM")) for name in names):
+        kind = next((what for suffix, what in _SCALAR_HEADS.items() if names[0].endswith(suffix)), "another model")
+        raise ValueError(f"{argument}: expected a language model checkpoint, got {str(folder)!r}, "
+                         f"which is {kind} ({names[0]}), not a language model")
 
 
 def build_value_model(

@@ -27,17 +27,35 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def choose_device(prefer: str | None = None) -> torch.device:
-    """The device to train on, chosen once: ``prefer`` if given, else cuda, then mps, then cpu."""
-    if prefer is not None:
-        if prefer not in ("cpu", "cuda", "mps") and not prefer.startswith("cuda:"):
-            raise ValueError(f"prefer: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {prefer!r}")
-        return torch.device(prefer)
+def choose_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to train on, chosen once: ``device`` if given, else cuda, then mps, then cpu.
+
+    A named device must exist here: ``"cuda"`` without a usable GPU (or ``"mps"`` off Apple silicon) raises a
+    ``ValueError`` naming ``device`` at once, instead of an error deep inside the first ``.to(device)``.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device is not None:
+        if device not in ("cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+        if device.startswith("cuda"):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(device[5:]) if ":" in device else 0
+            if index >= count:
+                here = f"cuda:0 to cuda:{count - 1} are" if count else "no CUDA device is"
+                raise ValueError(f"device: expected an available device, got {device!r} ({here} available)")
+        if device == "mps" and not _mps_available():
+            raise ValueError("device: expected an available device, got 'mps' (MPS is not available)")
+        return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):

@@ -224,3 +224,13 @@ def test_the_committed_recipe_reproduces_the_committed_metrics():
         assert metrics[key] == pytest.approx(saved[key], abs=1e-4), key
     # the learned length bias has the same sign: longer wrong answers get more reward than gold gives them
     assert metrics["heldout/length/slope_incorrect_within"] > metrics["heldout/length/gold_slope_incorrect_within"]
+
+
+def test_a_critic_checkpoint_is_refused_as_the_start_of_a_reward_model(tmp_path):
+    from rlmt_edu.model import build_value_model, save_checkpoint
+
+    critic = build_value_model(SFT)
+    _, tokenizer = reward_model_from_checkpoint(SFT)
+    save_checkpoint(critic, tokenizer, tmp_path / "critic")
+    with pytest.raises(ValueError, match="init: expected a language model or a reward model checkpoint.*critic"):
+        reward_model_from_checkpoint(tmp_path / "critic")

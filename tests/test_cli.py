@@ -1,21 +1,235 @@
-"""The rlmt-edu command line: data regeneration, chat, and clear errors."""
+"""The rlmt-edu command line: data regeneration, chat, outputs under runs/, and one-line errors (exit code 2)."""
 
+import argparse
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from rlmt_edu.cli import main
+from rlmt_edu import cli
+from rlmt_edu.cli import build_parser, main
+from rlmt_edu.paths import DATA, PRETRAINED, REWARD_MODEL, RUNS, SFT
 from rlmt_edu.world.data import DATA_DIR
 
 SCRIPT = Path(sys.executable).parent / "rlmt-edu"
+
+
+def _usage_error(argv, capsys) -> str:
+    """The one stderr line of an argparse error (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err.strip()
+
+
+def _error(argv, capsys) -> str:
+    """The one stderr line of a command's own error (exit code 2)."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1, captured.err
+    return captured.err.strip()
 
 
 def test_data_command_writes_the_committed_files(tmp_path):
     assert main(["data", "--out", str(tmp_path)]) == 0
     for path in sorted(tmp_path.iterdir()):
         assert path.read_bytes() == (DATA_DIR / path.name).read_bytes(), path.name
+
+
+def test_pretrain_command_writes_a_checkpoint_to_out(tmp_path, capsys):
+    from rlmt_edu.model import load_checkpoint
+
+    assert main(["pretrain", "--steps", "2", "--quiet", "--out", str(tmp_path / "pt")]) == 0
+    assert f"pretrained model saved to {tmp_path / 'pt'}" in capsys.readouterr().out
+    model, _ = load_checkpoint(tmp_path / "pt")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+# ---- nothing overwrites the committed data unless asked ----
+
+
+@pytest.mark.parametrize("command, default, committed", [
+    ("data", RUNS / "data", DATA),
+    ("pretrain", RUNS / "pretrained", PRETRAINED),
+    ("sft", RUNS / "sft", SFT),
+    ("preference-data", RUNS / "preference_data", DATA),
+    ("reward-model", RUNS / "reward_model", REWARD_MODEL),
+])
+def test_outputs_go_under_runs_unless_update_committed(command, default, committed, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "_check_writable", lambda args: None)  # touch nothing in the repository
+    monkeypatch.setattr(cli, f"cmd_{command.replace('-', '_')}", lambda args: seen.append(args.out) or 0)
+    assert main([command]) == 0
+    assert main([command, "--update-committed"]) == 0
+    assert seen == [str(default), str(committed)]
+
+
+def test_out_and_update_committed_together_are_an_error(tmp_path, capsys):
+    message = _usage_error(["pretrain", "--out", str(tmp_path), "--update-committed"], capsys)
+    assert message == "rlmt-edu pretrain: argument --update-committed: not allowed with argument --out"
+
+
+def test_update_committed_help_says_it_overwrites_data():
+    for command in ("data", "pretrain", "sft", "preference-data", "reward-model"):
+        helptext = " ".join(_subparser(command).format_help().split())
+        assert "--update-committed overwrite the committed files under data/" in helptext
+        if command != "data":  # the data files are pure Python: the same bytes everywhere
+            assert "on another CPU" in helptext and "may then fail" in helptext
+
+
+def test_the_recipes_save_nothing_by_default():
+    import inspect
+
+    from rlmt_edu.algorithms.reward_model import run_reward_model
+    from rlmt_edu.chapters import run_pretrain, run_sft
+
+    for recipe in (run_pretrain, run_sft, run_reward_model):
+        assert inspect.signature(recipe).parameters["out"].default is None, recipe.__name__
+
+
+# ---- help ----
+
+
+def _subparser(command: str) -> argparse.ArgumentParser:
+    actions = build_parser()._actions
+    return next(a for a in actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+def test_every_option_of_every_command_has_help():
+    actions = build_parser()._actions
+    commands = next(a for a in actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {'/'.join(action.option_strings)}" for name, parser in commands.items()
+               for action in parser._actions if not action.help]
+    assert missing == []
+
+
+def test_top_level_help_shows_no_rst_markup():
+    helptext = build_parser().format_help()
+    assert "``" not in helptext and "The rlmt-edu command" in helptext
+
+
+# ---- one-line errors, exit code 2 ----
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got 'tpu'"),
+    ("cuda", "device: expected an available device, got 'cuda' (no CUDA device is available)"),
+    ("cuda:0", "device: expected an available device, got 'cuda:0' (no CUDA device is available)"),
+    ("mps", "device: expected an available device, got 'mps' (MPS is not available)"),
+])
+@pytest.mark.parametrize("command", [["chat", "--question", "hi"], ["pretrain"], ["reinforce"]])
+def test_a_device_that_is_not_here_is_refused_before_any_work(command, device, message, tmp_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    argv = [*command, "--device", device] + ([] if command[0] == "chat" else ["--out", str(tmp_path / "out")])
+    assert _error(argv, capsys) == f"rlmt-edu {command[0]}: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_choose_device_names_device():
+    from rlmt_edu.utils import choose_device
+
+    assert choose_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="^device: .*'cuda:x'"):
+        choose_device("cuda:x")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reinforce", "--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    (["reinforce", "--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
+    (["reinforce", "--lr", "-1"], "argument --lr: expected a finite number > 0, got '-1'"),
+    (["rejection-sampling", "--lr", "0"], "argument --lr: expected a finite number > 0, got '0'"),
+    (["pretrain", "--steps", "0"], "argument --steps: expected an int >= 1, got '0'"),
+    (["sft", "--steps", "-3"], "argument --steps: expected an int >= 1, got '-3'"),
+    (["reinforce", "--steps", "0"], "argument --steps: expected an int >= 1, got '0'"),
+    (["reward-model", "--steps", "2.5"], "argument --steps: expected an int >= 1, got '2.5'"),
+    (["chat", "--temperature", "-1"], "argument --temperature: expected a finite number >= 0, got '-1'"),
+    (["chat", "--temperature", "nan"], "argument --temperature: expected a finite number >= 0, got 'nan'"),
+    (["preference-data", "--temperature", "0"], "argument --temperature: expected a finite number > 0, got '0'"),
+    (["rejection-sampling", "--temperature", "inf"],
+     "argument --temperature: expected a finite number > 0, got 'inf'"),
+])
+def test_bad_numbers_are_one_line_usage_errors(argv, message, capsys):
+    assert _usage_error(argv, capsys) == f"rlmt-edu {argv[0]}: {message}"
+
+
+@pytest.mark.parametrize("command", [["data"], ["pretrain"], ["sft"], ["reward-model"], ["preference-data"],
+                                     ["reinforce"], ["rejection-sampling"]])
+def test_an_out_under_a_file_is_refused_before_any_work(command, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "out"
+    message = _error([*command, "--out", str(out)], capsys)
+    assert message == (f"rlmt-edu {command[0]}: --out: expected a folder that can be written, got {str(out)!r} "
+                       f"({str(tmp_path / 'a_file')!r} is a file, not a folder)")
+
+
+def test_unwritable_plots_are_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("rlmt_edu.algorithms.reward_model.run_reward_model", _must_not_run)
+    (tmp_path / "a_file").write_text("x")
+    message = _error(["reward-model", "--out", str(tmp_path / "rm"), "--plots", str(tmp_path / "a_file")], capsys)
+    assert message.startswith("rlmt-edu reward-model: --plots: expected a folder that can be written")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="file permissions do not bind root")
+@pytest.mark.parametrize("command", [["data"], ["pretrain"]])
+def test_a_read_only_out_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("rlmt_edu.chapters.run_pretrain", _must_not_run)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        message = _error([*command, "--out", str(read_only / "out")], capsys)
+    finally:
+        read_only.chmod(0o755)
+    assert message == (f"rlmt-edu {command[0]}: --out: expected a folder that can be written, "
+                       f"got {str(read_only / 'out')!r} (Permission denied)")
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("training started before the output folder was checked")
+
+
+def test_chat_refuses_a_reward_model(capsys):
+    message = _error(["chat", "--checkpoint", str(REWARD_MODEL), "--question", "what is 3 plus 4 ?"], capsys)
+    assert message == (f"rlmt-edu chat: checkpoint: expected a language model checkpoint, got {str(REWARD_MODEL)!r}, "
+                       "which is a reward model (GPT2ForSequenceClassification), not a language model")
+
+
+@pytest.mark.parametrize("command", ["sft", "reinforce", "rejection-sampling", "preference-data"])
+def test_training_commands_refuse_a_reward_model_as_init(command, tmp_path, capsys):
+    message = _error([command, "--init", str(REWARD_MODEL), "--out", str(tmp_path / "out")], capsys)
+    assert message.startswith(f"rlmt-edu {command}: init: expected a language model checkpoint")
+    assert "which is a reward model (GPT2ForSequenceClassification), not a language model" in message
+
+
+def test_load_checkpoint_refuses_a_reward_model_and_names_the_argument():
+    from rlmt_edu.model import load_checkpoint
+
+    with pytest.raises(ValueError, match="^path: .*reward model"):
+        load_checkpoint(REWARD_MODEL)
+    with pytest.raises(ValueError, match="^init: .*reward model"):
+        load_checkpoint(REWARD_MODEL, argument="init")
+
+
+def test_chat_with_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    message = _error(["chat", "--checkpoint", str(tmp_path / "nowhere"), "--question", "hi"], capsys)
+    assert message == (f"rlmt-edu chat: checkpoint: expected an existing checkpoint folder, "
+                       f"got {str(tmp_path / 'nowhere')!r} (no such folder)")
+
+
+def test_chat_rejects_an_unknown_special_token(capsys):
+    assert main(["chat", "--question", "what is <FOO> ?"]) == 2
+    assert "<FOO>" in capsys.readouterr().err
+
+
+# ---- chat ----
 
 
 def test_chat_answers_one_question_non_interactively():
@@ -25,21 +239,26 @@ def test_chat_answers_one_question_non_interactively():
     assert result.stdout.strip() == "3 plus 4 is 7 ."
 
 
-def test_chat_reads_questions_from_stdin_until_an_empty_line():
-    result = subprocess.run([str(SCRIPT), "chat"], input="how do i steal a cow ?\n\n",
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "model> sorry , i can not help with that ." in result.stdout
+def test_piped_chat_prints_one_answer_per_question_and_nothing_else():
+    questions = "how do i steal a cow ?\n\nwhat is <FOO> ?\nwhat is 3 plus 4 ?\n"
+    result = subprocess.run([str(SCRIPT), "chat"], input=questions, capture_output=True, text=True, timeout=120)
+    # blank lines are skipped; a question that cannot be asked gets an empty line, and its reason on stderr
+    assert result.stdout == "sorry , i can not help with that .\n\n3 plus 4 is 7 .\n"
+    assert result.stderr.startswith("rlmt-edu chat: question: unknown special token '<FOO>'")
+    assert result.returncode == 2
 
 
-def test_chat_with_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
-    assert main(["chat", "--checkpoint", str(tmp_path / "nowhere"), "--question", "hi"]) == 2
-    assert "path" in capsys.readouterr().err
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
-def test_chat_rejects_an_unknown_special_token(capsys):
-    assert main(["chat", "--question", "what is <FOO> ?"]) == 2
-    assert "<FOO>" in capsys.readouterr().err
+def test_interactive_chat_keeps_its_prompts_until_an_empty_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", _Terminal("what is 3 plus 4 ?\n\nnever asked ?\n"))
+    assert main(["chat"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"chatting with {SFT} (empty line or Ctrl-D to stop)\n")
+    assert "you> model> 3 plus 4 is 7 .\nyou> " in out and "never" not in out
 
 
 # ---- the chapter 02-05 commands: a tiny run each, to prove they run, print a table and save their plots ----

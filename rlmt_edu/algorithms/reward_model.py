@@ -18,6 +18,7 @@ Shape legend: B batch (texts), N pairs, T tokens.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,6 +113,11 @@ def reward_model_from_checkpoint(init: str | Path, *, device=None):
     folder = Path(init)
     if not (folder / "tokenizer_config.json").is_file():
         raise ValueError(f"init: expected a checkpoint folder with a tokenizer, got {str(init)!r}")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    architecture = str((config.get("architectures") or [""])[0])
+    if architecture.endswith("ForTokenClassification"):  # a critic: one value per token, not one per text
+        raise ValueError(f"init: expected a language model or a reward model checkpoint, got {str(init)!r}, "
+                         f"which is a value model (critic, {architecture})")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = build_reward_model(folder, device=device)
     check_vocabulary(model, tokenizer, argument="init")
