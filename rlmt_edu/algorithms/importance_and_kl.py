@@ -342,6 +342,7 @@ def kl_estimator_study(logits: Tensor, logits_ref: Tensor, *, samples_per_state:
             logp_ref = logp_ref_all.expand(repeats, *z.shape).gather(-1, tokens)  # (R, P, M) log π_ref(a)
             values = k(logp, logp_ref).mean(dim=(1, 2))  # (R,) one estimate of the mean KL per repeat
             (grads,) = torch.autograd.grad(values.sum(), z_rep)  # (R, P, V) each repeat's loss gradient
+            values = values.detach()
             error = (grads - g_reverse).flatten(1).norm(dim=1) / g_reverse.norm()  # (R,)
             row["bias"].append(float(values.mean()) - target)
             row["spread"].append(float(values.std()))
