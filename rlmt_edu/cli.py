@@ -168,6 +168,75 @@ def cmd_reinforce(args) -> int:
     return 0
 
 
+def cmd_trpo(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlmt_edu import plots
+    from rlmt_edu.algorithms.trpo import PenaltyConfig, TRPOConfig, plot_trpo, trpo, trpo_penalty
+    from rlmt_edu.model import load_checkpoint
+    from rlmt_edu.rl import REWARDS, prompt_pool, prompts_answered_wrong
+    from rlmt_edu.utils import choose_device
+
+    model, tokenizer = load_checkpoint(args.init, device=choose_device(args.device), argument="init")
+    out = Path(args.out)
+    common = dict(updates=args.updates, prompts_per_update=args.prompts_per_update, seed=args.seed)
+    questions = prompt_pool(TRPOConfig().prompts)
+    if not args.all_prompts:  # as chapter 03: where every sample earns R = 1 there is nothing to learn
+        questions = prompts_answered_wrong(model, tokenizer, questions, reward_fn=REWARDS[TRPOConfig().reward])
+        if not questions:
+            raise ValueError("init: the start model answers every train-pool prompt perfectly (greedy); "
+                             "use --all-prompts to train on them anyway")
+    if args.beta is None:  # the constrained form, Eq. 10 (the default)
+        config = _replace(TRPOConfig(), delta=args.delta, **common)
+        history = trpo(model, tokenizer, config, questions=questions, progress=not args.quiet)
+        name, title = "trpo", f"TRPO, constrained form (Eq. 10, δ = {config.delta:g})"
+        fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), layout="constrained")
+        plot_trpo(history, {}, config.delta, axes=axes)
+    else:  # the penalty form, Eq. 9
+        config = _replace(PenaltyConfig(), beta=args.beta, **common)
+        history = trpo_penalty(model, tokenizer, config, questions=questions, progress=not args.quiet)
+        name, title = f"trpo_penalty_beta{config.beta:g}", f"TRPO, penalty form (Eq. 9, β = {config.beta:g})"
+        fig, axes = plt.subplots(1, 3, figsize=(15, 3.5), layout="constrained")
+        plots.plot_history(history, ["kl/mean"], ax=axes[0], title="mean KL(π_old‖π_new) per update")
+        axes[0].axhline(TRPOConfig().delta, color="black", linestyle="--", linewidth=1,
+                        label=f"TRPO's default δ = {TRPOConfig().delta:g}")
+        axes[0].legend(frameon=False)
+        plots.plot_history(history, ["reward/mean"], ax=axes[1], smooth=5, title="sampled reward", ylabel="R")
+        plots.plot_history(history, ["eval/gold_score", "eval/accuracy"], ax=axes[2], title="held-out, greedy")
+    history.to_json(out / f"{name}.json")
+    plots.save_figure(fig, out / f"{name}.png")
+    plt.close(fig)
+
+    updates = [row for row in history if row["step"] >= 0]
+    rewards = [row["reward/mean"] for row in updates]
+    window = max(1, min(10, len(rewards) // 2))  # the first and the last `window` updates never overlap
+    metrics = {"reward": config.reward, "prompts": config.prompts, "prompts_used": len(questions),
+               "updates": len(updates)}
+    if args.beta is None:
+        accepted = [row for row in updates if row["step/accepted"]]
+        metrics.update({
+            "step/accepted_rate": len(accepted) / len(updates),
+            "step/skipped": updates[-1]["step/skipped"],
+            "kl/delta": config.delta,
+            "kl/final_accepted": accepted[-1]["kl/mean"] if accepted else "none accepted",
+            "kl/max_accepted": max(row["kl/mean"] for row in accepted) if accepted else "none accepted",
+        })
+    else:
+        kls = [row["kl/mean"] for row in updates]
+        metrics.update({"kl/beta": config.beta, "kl/final": kls[-1], "kl/max": max(kls),
+                        "kl/mean_over_updates": sum(kls) / len(kls)})
+    metrics[f"reward/first_{window} -> last_{window}"] = (
+        f"{sum(rewards[:window]) / window:.3f} -> {sum(rewards[-window:]) / window:.3f}")
+    start, end = history[0], history[-1]
+    for key in sorted(k for k in start if k.startswith("eval/")):
+        metrics[f"{key} (before -> after)"] = f"{start[key]:.3f} -> {end[key]:.3f}"
+    _print_table(f"{title}; plots in {out}", metrics)
+    return 0
+
+
 def cmd_preference_data(args) -> int:
     import matplotlib
 
@@ -363,6 +432,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(RUNS / "reinforce"), help="folder for plots (default: runs/reinforce)")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_reinforce)
+
+    p = sub.add_parser("trpo", help="TRPO from the SFT checkpoint: the trust-region constraint, or the KL penalty "
+                                    "(chapter 07)")
+    p.add_argument("--init", default=str(SFT), help="checkpoint to start from (default: data/checkpoints/sft)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--delta", type=POSITIVE, default=None,
+                      help="δ, the trust region's radius in mean KL per token: the constrained form, Eq. 10 "
+                           "(the default form; default δ: the chapter's)")
+    form.add_argument("--beta", type=NON_NEGATIVE, default=None,
+                      help="β: switch to the penalty form, Eq. 9, with this fixed KL penalty scale")
+    p.add_argument("--all-prompts", action="store_true",
+                   help="train on the whole train pool (default: only the prompts the start model answers wrong, "
+                        "greedily, as in chapter 03)")
+    p.add_argument("--updates", type=POSITIVE_INT, default=None, help="policy updates (default: the chapter's)")
+    p.add_argument("--prompts-per-update", type=POSITIVE_INT, default=None,
+                   help="S, prompts sampled per policy update (default: the chapter's)")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help=SEED_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--out", default=str(RUNS / "trpo"), help="folder for plots and histories (default: runs/trpo)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    p.set_defaults(func=cmd_trpo)
 
     p = sub.add_parser("preference-data", help="sample, pair and label responses of the SFT model (chapter 05 data)")
     p.add_argument("--init", default=str(SFT), help="checkpoint to sample from (default: data/checkpoints/sft)")

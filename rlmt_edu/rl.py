@@ -124,6 +124,23 @@ def heldout_scores(model, tokenizer, questions: Sequence[Question], *, max_new_t
     return {"eval/gold_score": gold.mean().item(), "eval/accuracy": correct.mean().item()}
 
 
+def heldout_scores_by_category(
+    model, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 24
+) -> dict[str, float]:
+    """``heldout_scores``, and the same two numbers for each category present: ``eval/gold_score/math``,
+    ``eval/accuracy/math``, ... (one greedy pass over all ``questions``)."""
+    responses = answer(model, tokenizer, [q.question for q in questions], max_new_tokens=max_new_tokens)
+    gold = gold_reward(questions, responses)  # (B,)
+    correct = exact_match_reward(questions, responses)  # (B,)
+    scores = {"eval/gold_score": gold.mean().item(), "eval/accuracy": correct.mean().item()}
+    for category in CATEGORIES:
+        rows = [i for i, q in enumerate(questions) if q.category == category]
+        if rows:
+            scores[f"eval/gold_score/{category}"] = gold[rows].mean().item()
+            scores[f"eval/accuracy/{category}"] = correct[rows].mean().item()
+    return scores
+
+
 class PromptSampler:
     """Draws batches of questions: a seeded shuffle of the pool, reshuffled after each pass (each prompt once
     per pass)."""

@@ -123,7 +123,7 @@ def test_top_level_help_shows_no_rst_markup():
     ("cuda:0", "device: expected an available device, got 'cuda:0' (no CUDA device is available)"),
     ("mps", "device: expected an available device, got 'mps' (MPS is not available)"),
 ])
-@pytest.mark.parametrize("command", [["chat", "--question", "hi"], ["pretrain"], ["reinforce"]])
+@pytest.mark.parametrize("command", [["chat", "--question", "hi"], ["pretrain"], ["reinforce"], ["trpo"]])
 def test_a_device_that_is_not_here_is_refused_before_any_work(command, device, message, tmp_path, monkeypatch,
                                                              capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -155,13 +155,20 @@ def test_choose_device_names_device():
     (["preference-data", "--temperature", "0"], "argument --temperature: expected a finite number > 0, got '0'"),
     (["rejection-sampling", "--temperature", "inf"],
      "argument --temperature: expected a finite number > 0, got 'inf'"),
+    (["trpo", "--delta", "0"], "argument --delta: expected a finite number > 0, got '0'"),
+    (["trpo", "--delta", "-0.01"], "argument --delta: expected a finite number > 0, got '-0.01'"),
+    (["trpo", "--delta", "nan"], "argument --delta: expected a finite number > 0, got 'nan'"),
+    (["trpo", "--delta", "inf"], "argument --delta: expected a finite number > 0, got 'inf'"),
+    (["trpo", "--beta", "-1"], "argument --beta: expected a finite number >= 0, got '-1'"),
+    (["trpo", "--updates", "0"], "argument --updates: expected an int >= 1, got '0'"),
+    (["trpo", "--delta", "0.01", "--beta", "0.1"], "argument --beta: not allowed with argument --delta"),
 ])
 def test_bad_numbers_are_one_line_usage_errors(argv, message, capsys):
     assert _usage_error(argv, capsys) == f"rlmt-edu {argv[0]}: {message}"
 
 
 @pytest.mark.parametrize("command", [["data"], ["pretrain"], ["sft"], ["reward-model"], ["preference-data"],
-                                     ["reinforce"], ["rejection-sampling"]])
+                                     ["reinforce"], ["rejection-sampling"], ["trpo"]])
 def test_an_out_under_a_file_is_refused_before_any_work(command, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     out = tmp_path / "a_file" / "out"
@@ -202,7 +209,7 @@ def test_chat_refuses_a_reward_model(capsys):
                        "which is a reward model (GPT2ForSequenceClassification), not a language model")
 
 
-@pytest.mark.parametrize("command", ["sft", "reinforce", "rejection-sampling", "preference-data"])
+@pytest.mark.parametrize("command", ["sft", "reinforce", "rejection-sampling", "preference-data", "trpo"])
 def test_training_commands_refuse_a_reward_model_as_init(command, tmp_path, capsys):
     message = _error([command, "--init", str(REWARD_MODEL), "--out", str(tmp_path / "out")], capsys)
     assert message.startswith(f"rlmt-edu {command}: init: expected a language model checkpoint")
@@ -284,6 +291,28 @@ def test_reinforce_command_explains_a_pool_with_nothing_to_learn(tmp_path, capsy
     code = main(["reinforce", "--steps", "1", "--prompts-per-step", "4", "--prompts", "facts", "--all-prompts",
                  "--quiet", "--out", str(tmp_path)])
     assert code == 0
+
+
+def test_trpo_command_prints_metrics_and_saves_plots(tmp_path, capsys):
+    code = main(["trpo", "--updates", "2", "--prompts-per-update", "4", "--quiet", "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "TRPO, constrained form (Eq. 10, δ = 0.01)" in printed
+    for key in ("step/accepted_rate", "kl/delta", "kl/max_accepted", "reward/first_1 -> last_1",
+                "eval/gold_score (before -> after)", "eval/gold_score/math (before -> after)"):
+        assert key in printed, key
+    assert (tmp_path / "trpo.png").stat().st_size > 0
+    assert (tmp_path / "trpo.json").is_file()
+
+
+def test_trpo_command_with_beta_runs_the_penalty_form(tmp_path, capsys):
+    code = main(["trpo", "--beta", "0.1", "--updates", "2", "--prompts-per-update", "4", "--quiet",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "TRPO, penalty form (Eq. 9, β = 0.1)" in printed and "kl/final" in printed
+    assert (tmp_path / "trpo_penalty_beta0.1.png").stat().st_size > 0
+    assert (tmp_path / "trpo_penalty_beta0.1.json").is_file()
 
 
 def test_rejection_sampling_command_prints_metrics_and_saves_plots(tmp_path, capsys):
