@@ -55,6 +55,47 @@ def plot_history(
     return ax
 
 
+def plot_seeds(
+    runs: Mapping[str, Sequence[History]],
+    key: str,
+    *,
+    ax=None,
+    title: str | None = None,
+    ylabel: str | None = None,
+    smooth: int = 1,
+):
+    """Compare configurations run over several seeds: for each label of ``runs`` (label -> one History per
+    seed), the mean of ``key`` across seeds as a line and the min-max range of the seeds as a band.
+
+    Every seed must log ``key`` at the same steps. ``smooth`` > 1 applies a running mean to each seed first;
+    leave it at 1 for a sparse evaluation series, whose neighbouring points are far apart in training.
+    Returns the Axes.
+    """
+    if not isinstance(runs, Mapping) or not runs:
+        raise ValueError(f"runs: expected a non-empty dict label -> list of Histories, got {runs!r:.60}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    for label, histories in runs.items():
+        if len(histories) == 0:
+            raise ValueError(f"runs: expected at least one History for {label!r}, got none")
+        series = [history.series(key) for history in histories]  # raises, naming the key, if it was never logged
+        steps = series[0][0]
+        if any(s != steps for s, _ in series):
+            raise ValueError(f"runs: expected every seed of {label!r} to log {key!r} at the same steps")
+        values = np.array([_smooth(v, smooth) for _, v in series])  # (seeds, steps)
+        line = ax.plot(steps, values.mean(axis=0), marker="o" if len(steps) < 30 else None, markersize=3,
+                       label=f"{label} (mean of {len(histories)})")[0]
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2,
+                        linewidth=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel or key)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    return ax
+
+
 def plot_before_after(
     before: Mapping[str, float],
     after: Mapping[str, float],

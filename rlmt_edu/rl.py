@@ -20,7 +20,8 @@ import torch
 
 from rlmt_edu.evaluation import answer
 from rlmt_edu.losses._checks import check_choice
-from rlmt_edu.rollout import Rollout, sample
+from rlmt_edu.losses.kl import kl_divergence
+from rlmt_edu.rollout import Rollout, policy_logits, sample
 from rlmt_edu.tokenizer import encode_prompt
 from rlmt_edu.world.grading import grade
 from rlmt_edu.world.preference import gold_score
@@ -138,6 +139,48 @@ def heldout_scores_by_category(
         if rows:
             scores[f"eval/gold_score/{category}"] = gold[rows].mean().item()
             scores[f"eval/accuracy/{category}"] = correct[rows].mean().item()
+    return scores
+
+
+@torch.no_grad()
+def drift_from_reference(
+    model, reference, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 24, batch_size: int = 128,
+) -> dict[str, float]:
+    """How far ``model`` has moved from ``reference`` (e.g. the SFT model) on ``questions``: per category.
+
+    The reference answers every question greedily; on those responses' states s_t the exact Eq. (8) KL
+    D_KL(π_ref(·|s_t) ‖ π(·|s_t)) is taken over the vocabulary. Returned: ``drift/kl`` (mean over all response
+    tokens), ``drift/kl_first`` (mean over the first response token only: the decision of how to begin, which
+    for this world is whether to refuse), and both per category (``drift/kl/math``, ...). The direction and
+    the states are those of TRPO's constraint with π_old = the reference, so the number is comparable with δ.
+    """
+    vocabulary = model.get_input_embeddings().num_embeddings
+    reference_vocabulary = reference.get_input_embeddings().num_embeddings
+    if reference_vocabulary != vocabulary:
+        raise ValueError(f"reference: expected the model's vocabulary of {vocabulary} tokens, "
+                         f"got a model of {reference_vocabulary}")
+    if len(questions) == 0:
+        raise ValueError("questions: expected at least one question, got none")
+    summed, counts, first = [], [], []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        prompts = [encode_prompt(tokenizer, q.question) for q in chunk]
+        rollout = sample(reference, prompts, max_new_tokens=max_new_tokens, greedy=True,
+                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+        kl = kl_divergence(policy_logits(reference, rollout), policy_logits(model, rollout))  # (B, N) Eq. 8
+        mask = rollout.response_mask.to(kl.device, kl.dtype)  # (B, N)
+        summed.append((kl * mask).sum(1).cpu())  # (B,) KL summed over each response
+        counts.append(mask.sum(1).cpu())  # (B,) its tokens
+        first.append(kl[:, 0].cpu())  # (B,) the first response token
+    summed, counts, first = torch.cat(summed), torch.cat(counts), torch.cat(first)  # (B,) each
+    scores: dict[str, float] = {}
+    for category in (None, *CATEGORIES):
+        rows = [i for i, q in enumerate(questions) if category is None or q.category == category]
+        if not rows:
+            continue
+        suffix = "" if category is None else f"/{category}"
+        scores[f"drift/kl{suffix}"] = float(summed[rows].sum() / counts[rows].sum())  # the token mean
+        scores[f"drift/kl_first{suffix}"] = float(first[rows].mean())
     return scores
 
 

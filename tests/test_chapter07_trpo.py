@@ -26,6 +26,7 @@ from rlmt_edu.model import ModelConfig, build_model, load_checkpoint, position_i
 from rlmt_edu.paths import SFT
 from rlmt_edu.rl import (
     PromptSampler,
+    drift_from_reference,
     gold_reward,
     heldout_questions,
     heldout_scores,
@@ -212,6 +213,13 @@ def test_an_accepted_step_stays_inside_the_trust_region_measured_independently(s
     moved = (parameters_to_vector(model.parameters()) - parameters_to_vector(old.parameters())).detach()
     assert float(moved.norm()) == pytest.approx(row["step/size"], rel=1e-4)
     assert row["step/fraction"] == config.backtrack_ratio ** row["step/backtracks"]
+    # kl/max is the largest single response token's KL, measured again: at least the mean, here above δ's share
+    per_token = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=policy_logits(old, rollout)),
+        torch.distributions.Categorical(logits=policy_logits(model, rollout)))  # (B, N), an independent Eq. 8
+    largest = float(per_token[rollout.response_mask.bool()].max().detach())
+    assert row["kl/max"] == pytest.approx(largest, rel=1e-3, abs=1e-7)
+    assert row["kl/max"] >= row["kl/mean"]
 
 
 @needs_sft
@@ -295,7 +303,7 @@ def test_the_penalty_form_logs_its_kl_and_a_larger_beta_keeps_it_smaller(sft_and
         config = PenaltyConfig(updates=1, beta=beta, learning_rate=3e-4, steps_per_batch=6, **QUICK)
         history = trpo_penalty(model, tokenizer, config, questions=wrong, eval_questions=[], progress=False)
         (row,) = history
-        assert row["kl/beta"] == beta and row["kl/mean"] > 0
+        assert row["kl/beta"] == beta and row["kl/mean"] > 0 and row["kl/max"] >= row["kl/mean"]
         kls[beta] = row["kl/mean"]
     assert kls[100.0] < kls[0.0]
 
@@ -387,3 +395,98 @@ def test_trpo_step_refuses_mismatched_inputs(sft_and_batch):
         trpo_step(copy.deepcopy(model), rollout, advantages, PenaltyConfig())
     with pytest.raises(ValueError, match="^config: expected a PenaltyConfig"):
         trpo_penalty(copy.deepcopy(model), None, TRPOConfig())
+
+
+# ---- drift from the SFT model (the chapter's section 5) ------------------------------------------------------
+
+
+@needs_sft
+def test_drift_from_reference_is_zero_for_the_reference_itself(sft_and_batch):
+    model, tokenizer, _, _, _ = sft_and_batch
+    questions = heldout_questions()[::8]
+    drift = drift_from_reference(copy.deepcopy(model), model, tokenizer, questions)
+    categories = {q.category for q in questions}
+    assert set(drift) == {"drift/kl", "drift/kl_first"} | {
+        f"drift/{k}/{c}" for k in ("kl", "kl_first") for c in categories}
+    assert all(abs(v) < 1e-6 for v in drift.values())
+
+
+@needs_sft
+def test_drift_from_reference_is_the_mean_kl_on_the_references_greedy_answers(sft_and_batch):
+    from rlmt_edu.rollout import sample
+    from rlmt_edu.tokenizer import encode_prompt
+
+    reference, tokenizer, _, _, _ = sft_and_batch
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(0.05 * torch.randn(model.transformer.wte.weight.shape,
+                                                             generator=torch.Generator().manual_seed(0)))
+    questions = [q for q in heldout_questions() if q.category == "safety"][:10]
+    drift = drift_from_reference(model, reference, tokenizer, questions)
+    rollout = sample(reference, [encode_prompt(tokenizer, q.question) for q in questions], max_new_tokens=24,
+                     greedy=True, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    # the same number two other ways: mean_kl (the TRPO constraint's quantity) and the first column by hand
+    assert drift["drift/kl"] == pytest.approx(mean_kl(reference, model, rollout), rel=1e-4)
+    assert drift["drift/kl/safety"] == drift["drift/kl"]
+    first = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=policy_logits(reference, rollout)[:, 0]),
+        torch.distributions.Categorical(logits=policy_logits(model, rollout)[:, 0]))  # (B,)
+    assert drift["drift/kl_first"] == pytest.approx(float(first.mean()), rel=1e-4)
+    assert drift["drift/kl"] > 0
+
+
+@needs_sft
+def test_drift_from_reference_refuses_bad_input(sft_and_batch):
+    model, tokenizer, _, _, _ = sft_and_batch
+    other = build_model(build_tokenizer(["apple", "pear"]), ModelConfig(n_layer=1, n_head=1, n_embd=4), seed=0)
+    with pytest.raises(ValueError, match="reference: expected the model's vocabulary"):
+        drift_from_reference(model, other, tokenizer, heldout_questions()[:2])
+    with pytest.raises(ValueError, match="questions: expected at least one question"):
+        drift_from_reference(model, model, tokenizer, [])
+
+
+# ---- plots.plot_seeds -----------------------------------------------------------------------------------------
+
+
+def _history(values, steps=None):
+    from rlmt_edu.utils import History
+
+    history = History()
+    for step, value in zip(steps or range(len(values)), values):
+        history.append({"step": step, "reward/mean": value})
+    return history
+
+
+def test_plot_seeds_draws_the_mean_and_the_min_max_band_of_the_seeds():
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    from rlmt_edu.plots import plot_seeds
+
+    runs = {"a": [_history([0.0, 1.0, 2.0]), _history([2.0, 3.0, 8.0]), _history([1.0, 2.0, 5.0])],
+            "b": [_history([5.0, 5.0, 5.0])]}
+    ax = plot_seeds(runs, "reward/mean")
+    mean_a, mean_b = ax.lines
+    assert list(mean_a.get_ydata()) == [1.0, 2.0, 5.0] and list(mean_b.get_ydata()) == [5.0, 5.0, 5.0]
+    assert mean_a.get_label() == "a (mean of 3)"
+    band = ax.collections[0].get_paths()[0].vertices  # the polygon of fill_between(min, max)
+    assert np.isclose(band[:, 1].min(), 0.0) and np.isclose(band[:, 1].max(), 8.0)
+    matplotlib.pyplot.close("all")
+
+
+def test_plot_seeds_refuses_what_it_cannot_compare():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from rlmt_edu.plots import plot_seeds
+
+    with pytest.raises(ValueError, match="runs: expected a non-empty dict"):
+        plot_seeds({}, "reward/mean")
+    with pytest.raises(ValueError, match="at least one History for 'a'"):
+        plot_seeds({"a": []}, "reward/mean")
+    with pytest.raises(ValueError, match="'loss' was never logged"):
+        plot_seeds({"a": [_history([1.0])]}, "loss")
+    with pytest.raises(ValueError, match="same steps"):
+        plot_seeds({"a": [_history([1.0, 2.0]), _history([1.0, 2.0], steps=[0, 5])]}, "reward/mean")
+    matplotlib.pyplot.close("all")

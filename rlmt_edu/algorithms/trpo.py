@@ -350,7 +350,8 @@ def trpo_step(model, rollout: Rollout, advantages: Tensor, config: TRPOConfig = 
     direction (``"no_direction"``, e.g. every sample earned the same reward), or because no line-search try
     kept the measured KL̄ ≤ δ while improving the surrogate (``"line_search_failed"``).
 
-    Returned metrics: ``kl/mean`` (KL̄ measured on the batch after the update: 0 when rejected), ``kl/delta``,
+    Returned metrics: ``kl/mean`` (KL̄ measured on the batch after the update: 0 when rejected), ``kl/max``
+    (the largest single-token KL of the batch after the update: what the mean lets through), ``kl/delta``,
     ``kl/full_step`` (measured KL̄ at the first try, β·x, whose quadratic model says δ; NaN if not tried),
     ``surrogate/before``, ``surrogate/after``, ``step/accepted`` (0/1), ``step/backtracks`` (tries rejected),
     ``step/size`` (‖θ - θ_old‖), ``step/fraction`` (α^k, 0 when rejected), ``cg/iterations``, ``cg/residual``
@@ -379,9 +380,9 @@ def trpo_step(model, rollout: Rollout, advantages: Tensor, config: TRPOConfig = 
     grads = torch.autograd.grad(surrogate, params, allow_unused=True)
     g = torch.cat([(d if d is not None else torch.zeros_like(p)).reshape(-1) for d, p in zip(grads, params)])  # (P,)
     before = surrogate.item()
-    row = {"kl/delta": config.delta, "surrogate/before": before, "surrogate/after": before, "kl/mean": 0.0,
-           "kl/full_step": math.nan, "step/accepted": 0, "step/backtracks": 0, "step/size": 0.0,
-           "step/fraction": 0.0, "grad/norm": float(g.norm())}
+    row = {"kl/delta": config.delta, "surrogate/before": before, "surrogate/after": before,
+           "kl/mean": 0.0, "kl/max": 0.0, "kl/full_step": math.nan, "step/accepted": 0, "step/backtracks": 0,
+           "step/size": 0.0, "step/fraction": 0.0, "grad/norm": float(g.norm())}
 
     # x = F⁻¹ g by conjugate gradient, from Fisher-vector products only
     fvp = fisher_vector_product(model, rollout, logits_old, damping=config.damping, temperature=temperature)
@@ -411,12 +412,13 @@ def trpo_step(model, rollout: Rollout, advantages: Tensor, config: TRPOConfig = 
                 continue  # a step so large the logits overflowed: shrink it
             kl = kl_divergence(logits_old, trial)  # (B, N) Eq. 8
             kl_mean = float(masked_mean(kl, mask.to(kl.dtype)))
+            kl_max = float(kl.masked_fill(mask == 0, 0).max())  # the one token that moved most
             if k == 0:
                 row["kl/full_step"] = kl_mean
             after = float(_surrogate(trial, logp_old, advantages, rollout))
             # Eq. 10, relaxed: mean over i, t of D_KL(π_old(·|s_it) ‖ π_new(·|s_it)) ≤ δ; and L improved
             if trpo_constraint_satisfied(kl.clamp_min(0), mask, delta=config.delta) and after > before:
-                row.update({"kl/mean": kl_mean, "surrogate/after": after, "step/accepted": 1,
+                row.update({"kl/mean": kl_mean, "kl/max": kl_max, "surrogate/after": after, "step/accepted": 1,
                             "step/backtracks": k, "step/size": float((fraction * full_step).norm()),
                             "step/fraction": fraction, "step/outcome": "accepted"})
                 return row
@@ -543,8 +545,8 @@ def trpo_penalty(
     carries over from batch to batch.
 
     Logged every update, beside ``reward/*`` and the evaluations: ``kl/mean`` (KL̄ measured on the batch after
-    its last step, to compare with TRPO's δ), ``kl/beta``, ``surrogate/before`` and ``surrogate/after``,
-    ``loss/trpo_penalty`` (at the last step), ``grad/norm`` (of the last step, before clipping).
+    its last step, to compare with TRPO's δ), ``kl/max`` (its largest single token), ``kl/beta``,
+    ``surrogate/before`` and ``surrogate/after``, ``loss/trpo_penalty`` (at the last step), ``grad/norm`` (of the last step, before clipping).
     """
     if not isinstance(config, PenaltyConfig):
         raise ValueError(f"config: expected a PenaltyConfig, got {type(config).__name__}")
@@ -569,10 +571,12 @@ def trpo_penalty(
             optimizer.step()
         with torch.no_grad():
             logits = policy_logits(model, rollout, temperature=config.temperature)  # (B, N, V)
-            kl_mean = float(_mean_kl(logits_old, logits, mask))
+            kl = kl_divergence(logits_old, logits)  # (B, N)
+            kl_mean = float(masked_mean(kl, mask.to(kl.dtype)))
+            kl_max = float(kl.masked_fill(mask == 0, 0).max())
             after = float(_surrogate(logits, logp_old, advantages, rollout))
-        return {"kl/mean": kl_mean, "kl/beta": config.beta, "surrogate/before": before, "surrogate/after": after,
-                "loss/trpo_penalty": loss.item(), "grad/norm": float(grad_norm)}
+        return {"kl/mean": kl_mean, "kl/max": kl_max, "kl/beta": config.beta, "surrogate/before": before,
+                "surrogate/after": after, "loss/trpo_penalty": loss.item(), "grad/norm": float(grad_norm)}
 
     return _run(f"trpo penalty (β={config.beta:g})", model, tokenizer, config, update, questions=questions,
                 eval_questions=eval_questions, progress=progress)
