@@ -281,7 +281,8 @@ def cmd_reward_model(args) -> int:
         REWARD_MODEL_CONFIG, plot_length_bias, response_table, run_reward_model)
     from rlmt_edu.utils import choose_device
 
-    config = _replace(REWARD_MODEL_CONFIG, steps=args.steps, seed=args.seed)
+    config = _replace(REWARD_MODEL_CONFIG, steps=args.steps, seed=args.seed, readout=args.readout,
+                      learning_rate=args.lr)
     model, history, metrics = run_reward_model(config, init=args.init, out=Path(args.out),
                                                device=choose_device(args.device), progress=not args.quiet)
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
@@ -474,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", default=str(RUNS / "reward_model"),
                    help="folder for the plots (default: runs/reward_model)")
     p.add_argument("--steps", type=POSITIVE_INT, default=None, help="optimiser steps (default: the chapter's)")
+    p.add_argument("--readout", choices=("likelihood", "last"), default=None,
+                   help="likelihood: mean log-likelihood + a head at <EOS> (default, beyond the paper); "
+                        "last: §4.4's head at <EOS> only (use --lr 1e-3)")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate (default: 3e-4)")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help=SEED_HELP)
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)

@@ -11,6 +11,8 @@ here is specific to the paper's algorithms: this is the machinery they share.
 
 - ``build_value_model`` / ``build_reward_model``: the same GPT-2 trunk, loaded from a checkpoint, with a
   scalar head: one value per token (the critic, §4.2) or one reward per text (the reward model, §4.4).
+- ``GPT2RewardModel`` / ``build_likelihood_reward_model``: chapter 05's reward model, a GPT-2 language model
+  that reads its reward through its own LM head as well as through a scalar head (beyond the paper).
 
 Shape legend: B batch, T tokens, V vocabulary (L is a full sequence length: prompt and response).
 """
@@ -209,7 +211,8 @@ def load_checkpoint(
 
 
 #: The heads ``build_value_model`` and ``build_reward_model`` save, by the class name in config.json.
-_SCALAR_HEADS = {"ForSequenceClassification": "a reward model", "ForTokenClassification": "a value model (critic)"}
+_SCALAR_HEADS = {"ForSequenceClassification": "a reward model", "ForTokenClassification": "a value model (critic)",
+                 "RewardModel": "a reward model"}
 
 
 def _check_language_model(folder: Path, argument: str) -> None:
@@ -223,6 +226,92 @@ def _check_language_model(folder: Path, argument: str) -> None:
         kind = next((what for suffix, what in _SCALAR_HEADS.items() if names[0].endswith(suffix)), "another model")
         raise ValueError(f"{argument}: expected a language model checkpoint, got {str(folder)!r}, "
                          f"which is {kind} ({names[0]}), not a language model")
+
+
+class GPT2RewardModel(GPT2LMHeadModel):
+    """A reward model R(text) for ``<USER> q <MODEL> response <EOS>`` texts with a *likelihood readout*.
+
+        R(text) = α · (1/|a|) Σ_t log π_φ(a_t | s_t)  +  wᵀ h_last + b
+
+    | symbol | meaning | parameter |
+    |---|---|---|
+    | π_φ(a_t \\| s_t) | the model's own next-token probability of response token a_t (and the <EOS>) | ``transformer``, ``lm_head`` |
+    | α | the weight of the mean log-likelihood | ``likelihood_weight``, () |
+    | h_last | the final hidden state at the last real token (the <EOS>) | |
+    | w, b | the scalar head of §4.4's reward model | ``score``, Linear(n_embd → 1) |
+
+    Beyond the paper. §4.4 puts a scalar head on the trunk (``build_reward_model``, ``readout="last"``);
+    here the language-model head stays and is read too. Built from the SFT model with α = 1 and w = b = 0, the
+    untrained reward is the SFT model's mean log-likelihood of the response, which already ranks most pairs
+    as the gold score does (an SFT model rarely finds a wrong sum likely). Training with Eq. (6) then moves
+    the trunk, α and the head together: what the labellers add (their length bias included) is learned on
+    top of that start. ``rewards(input_ids, attention_mask)`` gives R, (B,); the inherited ``forward`` is
+    the language model's, so the class loads, saves and moves like any ``GPT2LMHeadModel``.
+    """
+
+    def __init__(self, config: GPT2Config):
+        super().__init__(config)
+        self.score = torch.nn.Linear(config.n_embd, 1)
+        self.likelihood_weight = torch.nn.Parameter(torch.ones(()))
+        self.post_init()
+
+    @property
+    def response_token_id(self) -> int:
+        """The id of the <MODEL> token: the response is every real token after the last one of a row."""
+        value = getattr(self.config, "response_token_id", None)
+        if not isinstance(value, int):
+            raise ValueError("config: expected response_token_id (the <MODEL> id) in the reward model's config, "
+                             "got none; build it with build_likelihood_reward_model")
+        return value
+
+    def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """R(text) of a RIGHT-padded batch (B, T) of chat texts, shape (B,). Gradients flow."""
+        check_tensor("input_ids", input_ids, ndim=2, floating=False)
+        check_tensor("attention_mask", attention_mask, ndim=2, floating=False)
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        last = attention_mask.sum(dim=1) - 1  # (B,) the last real token (right padding)
+        head = self.score(hidden[rows, last])[:, 0].float()  # (B,) wᵀ h_last + b
+        # log π_φ(a_t | s_t): column t of the LM head scores token t + 1
+        logp = token_logp(self.lm_head(hidden[:, :-1]).float(), input_ids[:, 1:])  # (B, T-1)
+        is_marker = (input_ids == self.response_token_id) & (attention_mask == 1)  # (B, T)
+        if not bool(is_marker.any(dim=1).all()):
+            raise ValueError("input_ids: expected a <MODEL> token in every row (texts '<USER> q <MODEL> r <EOS>')")
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
+        start = torch.where(is_marker, columns, -1).max(dim=1).values  # (B,) position of the last <MODEL>
+        response = (columns[:, :-1] >= start[:, None]) & (attention_mask[:, 1:] == 1)  # (B, T-1) tokens after it
+        mean_logp = (logp * response).sum(dim=1) / response.sum(dim=1).clamp_min(1)  # (B,)
+        return self.likelihood_weight * mean_logp + head  # (B,)
+
+
+def build_likelihood_reward_model(
+    init: str | Path, *, response_token_id: int | None = None, device: str | torch.device | None = None
+) -> GPT2RewardModel:
+    """A ``GPT2RewardModel``: from a language-model checkpoint (e.g. the SFT model) with α = 1 and a zero
+    scalar head (``response_token_id``, the <MODEL> id, is then required); from a folder where one was saved
+    (``save_checkpoint``), with everything it learned."""
+    folder = _check_checkpoint_dir(init, argument="init")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    saved = "GPT2RewardModel" in (config.architectures or [])
+    if not saved:
+        if not isinstance(response_token_id, int) or isinstance(response_token_id, bool) or response_token_id < 0:
+            raise ValueError(f"response_token_id: expected the <MODEL> token id (an int >= 0) to start a reward "
+                             f"model from a language model, got {response_token_id!r}")
+        config.response_token_id = response_token_id
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # from an LM, score and likelihood_weight are new on purpose
+    try:
+        with _no_progress_bars():
+            model = GPT2RewardModel.from_pretrained(folder, config=config, local_files_only=True,
+                                                    use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not saved:  # the start: R = the mean log-likelihood, exactly
+        with torch.no_grad():
+            model.score.weight.zero_()
+            model.score.bias.zero_()
+            model.likelihood_weight.fill_(1.0)
+    return model.to(device) if device is not None else model
 
 
 def build_value_model(

@@ -19,6 +19,7 @@ from rlmt_edu.algorithms.reward_model import (
     reward_model_from_checkpoint,
     reward_model_metrics,
     reward_model_scores,
+    save_reward_model,
     train_reward_model,
 )
 from rlmt_edu.chapters import SFT
@@ -35,10 +36,12 @@ TINY = ModelConfig(n_layer=1, n_head=1, n_embd=8, n_positions=64)
 
 
 def test_a_short_run_learns_the_preferences():
-    """40 steps on 640 pairs: the loss falls and held-out accuracy (labels and gold) rises above chance."""
+    """§4.4's readout (a head at <EOS>), 40 steps on 640 pairs: the loss falls and held-out accuracy (labels
+    and gold) rises above chance."""
     train = load_preference_pairs("train")[::5][:640]
     heldout = load_preference_pairs("heldout")[::2][:240]
-    config = RewardModelConfig(steps=40, batch_size=16, warmup_steps=5, eval_every=40)  # the recipe's lr, 1e-3
+    config = RewardModelConfig(steps=40, batch_size=16, warmup_steps=5, eval_every=40, readout="last",
+                               learning_rate=1e-3)  # the "last" readout's learning rate
     model, history = train_reward_model(train, config, heldout=heldout, device="cpu", progress=False)
     losses = history.series("loss/reward_model")[1]
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
@@ -160,12 +163,15 @@ def test_committed_reward_model_ranks_by_gold_and_learned_the_length_bias():
     assert meta["config"] == json.loads(json.dumps(__import__("dataclasses").asdict(RewardModelConfig())))
     assert sum(f.stat().st_size for f in REWARD_MODEL_DIR.iterdir()) < 8 * 2**20  # a few MB
     metrics = meta["metrics"]
-    # The issue's goal (>= 0.85 vs gold) is NOT reached: arithmetic correctness on unseen questions stays at
-    # chance for this last-token reward model (see the chapter's report). What is asserted is what it learned:
-    assert metrics["heldout/gold_accuracy"] > 0.58  # above chance (281 gold pairs: sd 0.03)
-    assert metrics["heldout/accuracy"] > 0.58
-    assert metrics["heldout/gold_accuracy/safety/correctness"] > 0.75  # refusing / helping is learned
-    assert metrics["heldout/gold_accuracy/math/format"] > 0.75  # complete sentences are learned
+    # good: near the ceiling of what the labels allow (labels agree with gold 0.85; an ideal label predictor 0.89)
+    assert metrics["heldout/gold_accuracy"] >= 0.80  # 281 gold pairs
+    assert metrics["heldout/gold_accuracy/math/correctness"] >= 0.80  # checks sums on unseen questions
+    assert metrics["heldout/gold_accuracy/safety/correctness"] > 0.9  # refusing / helping
+    # flawed, measured within questions: where gold ties, it prefers the longer response far above one half
+    # (216 such train pairs: sd of a coin 0.034), more often than the labellers themselves did
+    assert metrics["train/length/longer_preferred"] > 0.75
+    assert metrics["train/length/longer_preferred"] > metrics["train/length/labels_longer"]
+    assert metrics["heldout/length/slope_within"] > 0 > metrics["heldout/length/gold_slope_within"]
     # every saved number is re-measured from the saved weights (inference only: equal up to float rounding,
     # so up to one pair of 405 flipping on another CPU)
     model, tokenizer = load_reward_model()
@@ -173,9 +179,6 @@ def test_committed_reward_model_ranks_by_gold_and_learned_the_length_bias():
     assert measured.keys() == metrics.keys()
     for key, value in metrics.items():
         assert measured[key] == pytest.approx(value, abs=3e-3), key
-    # the length bias: among incorrect responses to the same question, longer ones get MORE reward than the
-    # gold score alone would give them
-    assert metrics["heldout/length/slope_incorrect_within"] > metrics["heldout/length/gold_slope_incorrect_within"]
 
 
 def test_response_logprob_is_the_mean_token_logprob_of_the_response_alone():
@@ -205,11 +208,10 @@ def test_load_reward_model_refuses_a_causal_lm_checkpoint():
 def test_the_committed_recipe_reproduces_the_committed_metrics():
     """Re-training with ``run_reward_model``'s defaults gives a model of the committed quality (~25 s quiet CPU).
 
-    Bit-identical only on the CPU and thread count that made the checkpoint. Elsewhere the 8th-digit rounding
-    differences grow over 200 steps, and this small reward model is sensitive to them: measured, held-out
-    accuracy 0.617 / 0.615 / 0.622 and gold accuracy 0.612 / 0.601 / 0.634 (committed machine, another CPU,
-    one thread). So the headline accuracies must agree within 0.04; the per-kind accuracies (a few dozen pairs
-    each) are not compared; numbers that depend on the data alone must agree exactly.
+    Bit-identical only on the CPU and thread count that made the checkpoint (measured: two runs on the
+    committed machine agree to every digit). Elsewhere the 8th-digit rounding differences grow over 200 steps,
+    so the headline accuracies must agree within 0.04; the per-kind accuracies (a few dozen pairs each) are
+    not compared; numbers that depend on the data alone must agree exactly.
     """
     from rlmt_edu.algorithms.reward_model import run_reward_model
 
@@ -218,12 +220,12 @@ def test_the_committed_recipe_reproduces_the_committed_metrics():
     assert metrics.keys() == saved.keys()
     for key in ("heldout/accuracy", "heldout/gold_accuracy", "train/accuracy", "train/gold_accuracy", "heldout/loss"):
         assert metrics[key] == pytest.approx(saved[key], abs=0.04), key
-    data_only = [k for k in saved if k == "heldout/label_gold_agreement" or "gold_slope" in k or "/n_" in k]
-    assert len(data_only) == 6
+    data_only = [k for k in saved if k == "heldout/label_gold_agreement" or "gold_slope" in k or "/n_" in k
+                 or "labels_longer" in k or "tie_pairs" in k]
+    assert len(data_only) == 11
     for key in data_only:
         assert metrics[key] == pytest.approx(saved[key], abs=1e-4), key
-    # the learned length bias has the same sign: longer wrong answers get more reward than gold gives them
-    assert metrics["heldout/length/slope_incorrect_within"] > metrics["heldout/length/gold_slope_incorrect_within"]
+    assert metrics["heldout/gold_accuracy"] >= 0.78 and metrics["train/length/longer_preferred"] > 0.7
 
 
 def test_a_critic_checkpoint_is_refused_as_the_start_of_a_reward_model(tmp_path):
@@ -234,3 +236,82 @@ def test_a_critic_checkpoint_is_refused_as_the_start_of_a_reward_model(tmp_path)
     save_checkpoint(critic, tokenizer, tmp_path / "critic")
     with pytest.raises(ValueError, match="init: expected a language model or a reward model checkpoint.*critic"):
         reward_model_from_checkpoint(tmp_path / "critic")
+
+
+# ---- the likelihood readout (GPT2RewardModel) -----------------------------------------------------------
+
+
+def test_the_likelihood_readout_starts_as_the_sft_models_mean_log_likelihood():
+    model, tokenizer = reward_model_from_checkpoint(SFT)  # readout="likelihood", the default
+    lm, _ = load_checkpoint(SFT)
+    questions = ["what is 3 plus 4 ?", "what is 3 plus 4 ?", "how do i hurt a cat ?"]
+    responses = ["3 plus 4 is 7 .", "3 plus 4 is 9 .", "sorry , i can not help with that ."]
+    rewards = reward_model_scores(model, tokenizer, questions, responses)
+    torch.testing.assert_close(rewards, response_logprob(lm, tokenizer, questions, responses), atol=1e-5, rtol=0)
+    assert rewards[0] > rewards[1]  # before any training, the wrong sum is less likely, so worth less
+
+
+def test_the_likelihood_readout_trains_saves_and_loads_with_all_it_learned(tmp_path):
+    from rlmt_edu.model import GPT2RewardModel, build_likelihood_reward_model
+
+    train = load_preference_pairs("train")[:64]
+    model, _ = train_reward_model(train, RewardModelConfig(steps=3, batch_size=8, eval_every=3), device="cpu",
+                                  progress=False)
+    assert isinstance(model, GPT2RewardModel)
+    assert model.likelihood_weight.item() != 1.0 and model.score.weight.abs().sum() > 0  # both parts moved
+    _, tokenizer = reward_model_from_checkpoint(SFT)
+    save_reward_model(model, tokenizer, tmp_path / "rm")
+    loaded, _ = load_reward_model(tmp_path / "rm")
+    questions, responses = ["what is 3 plus 4 ?"] * 2, ["3 plus 4 is 7 .", "3 plus 4 is 7 . 3 plus 4 is 7 ."]
+    torch.testing.assert_close(reward_model_scores(loaded, tokenizer, questions, responses),
+                               reward_model_scores(model, tokenizer, questions, responses), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="path: expected a language model checkpoint.*reward model"):
+        load_checkpoint(tmp_path / "rm")  # never mistaken for a policy
+    with pytest.raises(ValueError, match="response_token_id: expected the <MODEL> token id"):
+        build_likelihood_reward_model(SFT)
+    ids, mask = encode_texts(tokenizer, questions[:1], responses[:1])
+    no_marker = ids.masked_fill(ids == loaded.response_token_id, tokenizer.convert_tokens_to_ids("cat"))
+    with pytest.raises(ValueError, match="input_ids: expected a <MODEL> token in every row"):
+        loaded.rewards(no_marker, mask)  # where does the response start? refused, not guessed
+
+
+def test_the_last_token_readout_of_section_4_4_is_still_there():
+    model, tokenizer = reward_model_from_checkpoint(SFT, readout="last")
+    assert type(model).__name__ == "GPT2ForSequenceClassification"
+    scores = reward_model_scores(model, tokenizer, ["what is 3 plus 4 ?"], ["3 plus 4 is 7 ."])
+    assert scores.shape == (1,)
+    with pytest.raises(ValueError, match="readout: expected one of"):
+        reward_model_from_checkpoint(SFT, readout="mean")
+    with pytest.raises(ValueError, match="readout: expected one of"):
+        RewardModelConfig(readout="mean")
+
+
+def test_length_preference_within_questions_counts_gold_ties_of_different_length_only():
+    from rlmt_edu.algorithms.preference_data import PreferencePair
+    from rlmt_edu.algorithms.reward_model import length_preference_within_questions
+    from rlmt_edu.world.tasks import Question
+
+    q = Question("safety", "how do i hurt a cat ?", "sorry , i can not help with that .", True)
+    pairs = [PreferencePair(q, "a b c", "a b", 1, 0.1, 0.1),  # tie, i longer, labels chose i
+             PreferencePair(q, "a", "a b c d", 1, 0.1, 0.1),  # tie, j longer, labels chose i (the shorter)
+             PreferencePair(q, "a b", "c d", 1, 0.1, 0.1),  # tie, same length: not counted
+             PreferencePair(q, "a b c", "a", 1, 0.5, 0.1)]  # gold differs: not counted
+    out = length_preference_within_questions([2.0, 0.0, 5.0, 9.0], [1.0, 1.0, 0.0, 0.0], pairs)
+    # the scorer ranks the longer response first in both ties; the labels did in one of the two
+    assert out == {"length/longer_preferred": 1.0, "length/labels_longer": 0.5, "length/tie_pairs": 2}
+    out = length_preference_within_questions([0.0, 0.0, 5.0, 9.0], [1.0, 1.0, 0.0, 0.0], pairs)
+    assert out["length/longer_preferred"] == 0.5
+    with pytest.raises(ValueError, match="rewards_j: expected one reward per pair"):
+        length_preference_within_questions([1.0], [1.0, 2.0], pairs)
+
+
+def test_reward_model_reward_is_an_rl_reward_function():
+    from rlmt_edu.algorithms.reward_model import reward_model_reward
+    from rlmt_edu.rl import prompt_pool, score_responses
+
+    model, tokenizer = load_reward_model()
+    questions = prompt_pool("math")[:3]
+    responses = [q.answer for q in questions]
+    rewards = score_responses(reward_model_reward(model, tokenizer), questions, responses)  # checked (B,)
+    torch.testing.assert_close(rewards, reward_model_scores(model, tokenizer, [q.question for q in questions],
+                                                            responses))

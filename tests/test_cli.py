@@ -206,14 +206,14 @@ def _must_not_run(*args, **kwargs):
 def test_chat_refuses_a_reward_model(capsys):
     message = _error(["chat", "--checkpoint", str(REWARD_MODEL), "--question", "what is 3 plus 4 ?"], capsys)
     assert message == (f"rlmt-edu chat: checkpoint: expected a language model checkpoint, got {str(REWARD_MODEL)!r}, "
-                       "which is a reward model (GPT2ForSequenceClassification), not a language model")
+                       "which is a reward model (GPT2RewardModel), not a language model")
 
 
 @pytest.mark.parametrize("command", ["sft", "reinforce", "rejection-sampling", "preference-data", "trpo"])
 def test_training_commands_refuse_a_reward_model_as_init(command, tmp_path, capsys):
     message = _error([command, "--init", str(REWARD_MODEL), "--out", str(tmp_path / "out")], capsys)
     assert message.startswith(f"rlmt-edu {command}: init: expected a language model checkpoint")
-    assert "which is a reward model (GPT2ForSequenceClassification), not a language model" in message
+    assert "which is a reward model (GPT2RewardModel), not a language model" in message
 
 
 def test_load_checkpoint_refuses_a_reward_model_and_names_the_argument():
@@ -339,4 +339,4 @@ def test_reward_model_command_saves_a_loadable_checkpoint(tmp_path, capsys):
     assert "reward model saved to" in capsys.readouterr().out
     assert (plots / "reward_model.png").stat().st_size > 0
     model, _ = load_reward_model(out)
-    assert model.config.num_labels == 1
+    assert type(model).__name__ == "GPT2RewardModel"  # the default readout

@@ -1,7 +1,14 @@
 """Chapter 05: a reward model trained on human preference pairs (§4.4, Eq. 5–6).
 
-The reward model reads ONE text, ``<USER> question <MODEL> response <EOS>``, and returns a scalar R(text): the
-SFT model's GPT-2 trunk with a fresh linear head read at the last real token (``model.build_reward_model``).
+The reward model reads ONE text, ``<USER> question <MODEL> response <EOS>``, and returns a scalar R(text). Two
+readouts (``RewardModelConfig.readout``):
+
+- ``"last"``, §4.4's: the SFT model's GPT-2 trunk with a fresh linear head read at the last real token
+  (``model.build_reward_model``);
+- ``"likelihood"`` (the default; beyond the paper): the SFT language model kept whole, R = α · mean log π_φ of
+  the response + a linear head at the last token (``model.GPT2RewardModel``). It starts as the SFT model's
+  own likelihood, which already ranks most held-out pairs as gold does, where the ``"last"`` readout, trained on
+  the same 2,427 pairs, stays near chance on math correctness.
 Pairs only say which of two texts a human preferred, so §4.4 turns two rewards into a probability,
 P(text_i) = σ(R(text_i) - R(text_j)), and trains with its negative log-likelihood: Eq. (5) with the recorded
 hp, which is Eq. (6), -log σ(R(text_w) - R(text_l)), once each pair is written winner first. Both losses are
@@ -31,35 +38,48 @@ from tqdm.auto import tqdm
 from rlmt_edu.algorithms.preference_data import PreferencePair, preference_pairs_from
 from rlmt_edu.losses.preference import reward_function_loss, reward_model_loss
 from rlmt_edu.paths import REWARD_MODEL, SFT, relative_to_repo
-from rlmt_edu.model import build_reward_model, context_length, load_metadata, save_checkpoint
-from rlmt_edu.tokenizer import encode_prompt
+from rlmt_edu.model import (
+    GPT2RewardModel,
+    build_likelihood_reward_model,
+    build_reward_model,
+    context_length,
+    load_metadata,
+    save_checkpoint,
+)
+from rlmt_edu.tokenizer import MODEL, encode_prompt
 from rlmt_edu.utils import History, epoch_batches, seed_everything, warmup_cosine_schedule
 from rlmt_edu.world.grading import grade
 from rlmt_edu.world.tasks import normalize
 
 Tensor = torch.Tensor
 REWARD_MODEL_DIR = REWARD_MODEL
+READOUTS = ("likelihood", "last")
+_ARCHITECTURES = {"GPT2RewardModel": "likelihood", "GPT2ForSequenceClassification": "last"}
 
 
 @dataclass(frozen=True)
 class RewardModelConfig:
-    """Settings of one reward-model run (defaults: the committed recipe, 1–3 minutes on a 2-core CPU).
+    """Settings of one reward-model run (defaults: the committed recipe, under a minute on a 2-core CPU).
 
-    The learning rate is ~3× the SFT one: measured on the short test run (40 steps), 1e-3 reaches held-out
-    gold accuracy 0.61 where 2e-4 reaches 0.53. With 1e-3, held-out accuracy stops rising after ~150 steps
-    (about 2 epochs of the pairs) while the training loss keeps falling (memorisation), hence 200 steps.
+    ``readout="likelihood"`` with learning rate 3e-4: the start (the SFT likelihood) is already a good ranker,
+    so the learning rate is the SFT one's scale, and 200 steps (about 2.6 epochs of the pairs) suffice.
+    ``readout="last"`` is §4.4's head at <EOS>: it needs a larger rate (1e-3 reaches held-out gold accuracy
+    0.61, and more steps or 3e-4 for 600 steps do not lift math correctness above ~0.5).
     """
 
     seed: int = 0  #: seeds the order of pairs
     steps: int = 200  #: optimiser steps
     batch_size: int = 32  #: PAIRS per step (2 × batch_size texts in one forward pass)
-    learning_rate: float = 1e-3  #: peak AdamW learning rate (linear warm-up, then cosine decay to 10%)
+    learning_rate: float = 3e-4  #: peak AdamW learning rate (linear warm-up, then cosine decay to 10%)
     warmup_steps: int = 10  #: linear warm-up steps
     weight_decay: float = 0.0  #: AdamW weight decay
     max_grad_norm: float = 1.0  #: gradient-norm clip
     eval_every: int = 50  #: steps between held-out evaluations (if held-out pairs are given), and at the end
+    readout: str = "likelihood"  #: "likelihood" (GPT2RewardModel, beyond the paper) or "last" (§4.4's head)
 
     def __post_init__(self) -> None:
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout: expected one of {READOUTS}, got {self.readout!r}")
         for name in ("seed", "steps", "batch_size", "warmup_steps", "eval_every"):
             value = getattr(self, name)
             low = 0 if name in ("seed", "warmup_steps") else 1
@@ -104,12 +124,15 @@ def check_vocabulary(model, tokenizer, argument: str = "tokenizer") -> None:
         )
 
 
-def reward_model_from_checkpoint(init: str | Path, *, device=None):
-    """(reward model, tokenizer) from a checkpoint folder: a fresh scalar head on the SFT trunk, or a trained
-    reward model saved by ``save_reward_model``. Raises ``ValueError`` naming ``init`` if the checkpoint's
-    tokenizer does not fit its model or is not the world's vocabulary."""
+def reward_model_from_checkpoint(init: str | Path, *, readout: str = "likelihood", device=None):
+    """(reward model, tokenizer) from a checkpoint folder: a new reward model on the SFT model (``readout``:
+    "likelihood" or "last", see the module docstring), or a trained reward model saved by ``save_reward_model``
+    (its own readout; ``readout`` is then ignored). Raises ``ValueError`` naming ``init`` if the checkpoint's
+    tokenizer does not fit its model or is not the world's vocabulary, or if it is a critic."""
     from transformers import AutoTokenizer
 
+    if readout not in READOUTS:
+        raise ValueError(f"readout: expected one of {READOUTS}, got {readout!r}")
     folder = Path(init)
     if not (folder / "tokenizer_config.json").is_file():
         raise ValueError(f"init: expected a checkpoint folder with a tokenizer, got {str(init)!r}")
@@ -119,7 +142,12 @@ def reward_model_from_checkpoint(init: str | Path, *, device=None):
         raise ValueError(f"init: expected a language model or a reward model checkpoint, got {str(init)!r}, "
                          f"which is a value model (critic, {architecture})")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = build_reward_model(folder, device=device)
+    readout = _ARCHITECTURES.get(architecture, readout)  # a saved reward model keeps its readout
+    if readout == "likelihood":
+        model = build_likelihood_reward_model(folder, response_token_id=tokenizer.convert_tokens_to_ids(MODEL),
+                                              device=device)
+    else:
+        model = build_reward_model(folder, device=device)
     check_vocabulary(model, tokenizer, argument="init")
     tokenizer.padding_side = "right"  # the head reads the last non-pad token: pad on the right
     return model.eval(), tokenizer
@@ -127,7 +155,7 @@ def reward_model_from_checkpoint(init: str | Path, *, device=None):
 
 def load_reward_model(path: str | Path = REWARD_MODEL_DIR, *, device=None):
     """The trained reward model saved by ``rlmt-edu reward-model`` (default: the committed one)."""
-    if "GPT2ForSequenceClassification" not in load_metadata(path).get("architecture", ""):
+    if load_metadata(path).get("architecture", "") not in _ARCHITECTURES:
         raise ValueError(f"path: expected a reward model saved by save_reward_model, got {str(path)!r}")
     return reward_model_from_checkpoint(path, device=device)
 
@@ -169,11 +197,13 @@ def encode_texts(tokenizer, questions: Sequence[str], responses: Sequence[str],
 
 
 def rewards_of(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """R(text) for a right-padded batch: the head's output at each row's last real token, (B,). Gradients flow."""
+    """R(text) for a right-padded batch, (B,), by the model's readout (see the module docstring). Gradients flow."""
     device = model.get_input_embeddings().weight.device
     length = int(attention_mask.sum(dim=1).max())  # trim the padding every row shares
-    out = model(input_ids=input_ids[:, :length].to(device), attention_mask=attention_mask[:, :length].to(device))
-    return out.logits[:, 0].float()  # (B,)
+    input_ids, attention_mask = input_ids[:, :length].to(device), attention_mask[:, :length].to(device)
+    if isinstance(model, GPT2RewardModel):
+        return model.rewards(input_ids, attention_mask)  # (B,) α·mean log π_φ + head at the last token
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()  # (B,) head at the last token
 
 
 @torch.no_grad()
@@ -340,7 +370,8 @@ def length_bias(table: dict[str, np.ndarray], *, labeller_temperature: float = 0
     the reward (in logits) that an unbiased Bradley–Terry labeller would imply: a reward-model slope above the
     gold one is length preference that the labels taught and the gold score does not share. ``*_within``
     slopes compare responses to the same question only (each question's means removed), which takes away
-    differences between question types (e.g. refusals are longer than sums).
+    differences between question types (e.g. refusals are longer than sums): ``length/slope_within`` over
+    every response, ``length/slope_incorrect_within`` over the incorrect ones.
     """
     out = {}
     gold_logit = {**table, "gold_logit": table["gold"] / labeller_temperature}
@@ -348,10 +379,49 @@ def length_bias(table: dict[str, np.ndarray], *, labeller_temperature: float = 0
         out[f"length/slope_{group}"] = _slope(table["words"][select], table["reward"][select])
         out[f"length/gold_slope_{group}"] = _slope(table["words"][select], gold_logit["gold_logit"][select])
         out[f"length/n_{group}"] = int(select.sum())
+    everything = np.ones_like(table["correct"], dtype=bool)
+    out["length/slope_within"] = _within_question_slope(table, everything, "reward")
+    out["length/gold_slope_within"] = _within_question_slope(gold_logit, everything, "gold_logit")
     incorrect = ~table["correct"]
     out["length/slope_incorrect_within"] = _within_question_slope(table, incorrect, "reward")
     out["length/gold_slope_incorrect_within"] = _within_question_slope(gold_logit, incorrect, "gold_logit")
     return out
+
+
+def _words(text: str) -> int:
+    return len(normalize(text).split())
+
+
+def length_preference_within_questions(rewards_i: Sequence[float], rewards_j: Sequence[float], pairs) -> dict:
+    """The length flaw, measured where nothing else differs: pairs of ONE question whose gold scores tie but
+    whose responses differ in length. An unbiased scorer prefers the longer one half of the time.
+
+    Returns ``length/longer_preferred`` (the share where ``rewards_*`` rank the longer response higher),
+    ``length/labels_longer`` (the share where the labellers chose it) and ``length/tie_pairs`` (how many).
+    """
+    pairs = _as_pairs(pairs, "pairs")
+    if not len(rewards_i) == len(rewards_j) == len(pairs):
+        raise ValueError(f"rewards_j: expected one reward per pair ({len(pairs)}), got {len(rewards_i)} and {len(rewards_j)}")
+    scorer, labels = [], []
+    for pair, r_i, r_j in zip(pairs, rewards_i, rewards_j):
+        gap = _words(pair.response_i) - _words(pair.response_j)
+        if pair.gold_i is None or pair.gold_j is None or abs(pair.gold_i - pair.gold_j) > 1e-9 or gap == 0:
+            continue
+        scorer.append((float(r_i) > float(r_j)) == (gap > 0))
+        labels.append((pair.hp == 1) == (gap > 0))
+    if not scorer:
+        return {"length/longer_preferred": float("nan"), "length/labels_longer": float("nan"), "length/tie_pairs": 0}
+    return {"length/longer_preferred": float(np.mean(scorer)), "length/labels_longer": float(np.mean(labels)),
+            "length/tie_pairs": len(scorer)}
+
+
+def reward_model_reward(model, tokenizer):
+    """The reward model as an RL reward function: ``(questions, responses) -> R(text)``, a tensor (B,)
+    (``rlmt_edu.rl`` calls this shape a ``RewardFn``). What PPO (chapter 08) and GRAPE (chapter 11) optimise."""
+    def reward(questions, responses) -> Tensor:
+        return reward_model_scores(model, tokenizer, [q.question for q in questions], list(responses))
+
+    return reward
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,7 +469,7 @@ def train_reward_model(
     if init is None:
         init = SFT
     generator = seed_everything(config.seed)
-    model, tokenizer = reward_model_from_checkpoint(init, device=device)
+    model, tokenizer = reward_model_from_checkpoint(init, readout=config.readout, device=device)
     ids, mask, hp = _encode_pairs(tokenizer, train_pairs, context_length(model))  # (2N, T), (2N, T), (N,)
     n_pairs = len(train_pairs)
 
@@ -460,18 +530,23 @@ REWARD_MODEL_CONFIG = RewardModelConfig()
 
 def reward_model_metrics(model, tokenizer, train_pairs, heldout_pairs) -> dict:
     """The numbers saved with the checkpoint: accuracies vs labels and gold, and the learned length slopes."""
+    train_pairs = _as_pairs(train_pairs, "train_pairs")
     train = evaluate_reward_model(model, tokenizer, train_pairs)
     heldout_pairs = _as_pairs(heldout_pairs, "heldout_pairs")
     heldout_rewards = pair_rewards(model, tokenizer, heldout_pairs)  # scored once, measured three ways
     held = pairwise_metrics(*heldout_rewards, heldout_pairs)
     by_kind = gold_accuracy_by_kind(*heldout_rewards, heldout_pairs)
     slopes = length_bias(response_table(model, tokenizer, heldout_pairs))
+    train_rewards = pair_rewards(model, tokenizer, train_pairs)
+    ties = length_preference_within_questions(*train_rewards, train_pairs)  # 216 tie pairs (29 held out)
     metrics = {
         "train/accuracy": train["accuracy"], "train/gold_accuracy": train["gold_accuracy"],
         "heldout/loss": held["loss"], "heldout/accuracy": held["accuracy"],
         "heldout/gold_accuracy": held["gold_accuracy"], "heldout/label_gold_agreement": held["label_gold_agreement"],
         **{f"heldout/gold_accuracy/{kind}": accuracy for kind, (accuracy, _) in by_kind.items()},
         **{f"heldout/{k}": v for k, v in slopes.items()},
+        **{f"train/{k}": v for k, v in ties.items()},
+        **{f"heldout/{k}": v for k, v in length_preference_within_questions(*heldout_rewards, heldout_pairs).items()},
     }
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
 
