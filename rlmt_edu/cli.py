@@ -237,6 +237,57 @@ def cmd_trpo(args) -> int:
     return 0
 
 
+def cmd_ppo(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlmt_edu import plots
+    from rlmt_edu.algorithms.ppo import PPOConfig, plot_ppo, ppo
+    from rlmt_edu.algorithms.reward_model import load_reward_model, reward_model_reward
+    from rlmt_edu.model import load_checkpoint
+    from rlmt_edu.utils import choose_device
+
+    device = choose_device(args.device)
+    policy, tokenizer = load_checkpoint(args.init, device=device, argument="init")
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model, device=device)
+    prompts = args.prompts_per_iteration or PPOConfig().prompts_per_iteration
+    config = _replace(PPOConfig(), beta=args.beta, epsilon=args.epsilon, iterations=args.iterations,
+                      seed=args.seed, epochs=args.epochs, loss_normalization=args.normalization,
+                      prompts_per_iteration=prompts, critic_warmup=args.critic_warmup,
+                      minibatch_size=min(PPOConfig().minibatch_size, prompts))  # a small batch is one mini-batch
+    out = Path(args.out)
+    history = ppo(policy, tokenizer, reward_model_reward(reward_model, reward_tokenizer), config,
+                  progress=not args.quiet)
+    name = f"ppo_beta{config.beta:g}_eps{config.epsilon:g}"
+    history.to_json(out / f"{name}.json")
+    fig, axes = plt.subplots(1, 5, figsize=(22, 3.8), layout="constrained")
+    plot_ppo({f"β={config.beta:g}, ε={config.epsilon:g}": [history]}, axes=axes[:4])
+    plots.plot_history(history, ["eval/gold_score", "eval/proxy"], ax=axes[4], title="held-out, greedy")
+    plots.save_figure(fig, out / f"{name}.png")
+    plt.close(fig)
+
+    updates = [row for row in history if row["step"] >= 0]
+    window = max(1, min(5, len(updates) // 2))
+
+    def first_last(key: str) -> str:
+        values = [row[key] for row in updates]
+        return f"{sum(values[:window]) / window:.3f} -> {sum(values[-window:]) / window:.3f}"
+
+    metrics = {"beta": config.beta, "epsilon": config.epsilon, "iterations": len(updates),
+               f"sampled proxy R (first {window} -> last {window})": first_last("reward/proxy"),
+               f"sampled gold (first {window} -> last {window})": first_last("reward/gold"),
+               f"KL to SFT per response (first {window} -> last {window})": first_last("kl/sft"),
+               f"length, words (first {window} -> last {window})": first_last("response/length"),
+               "clip fraction (mean)": sum(r["ppo/clip_fraction"] for r in updates) / len(updates)}
+    start, end = history[0], history[-1]
+    for key in sorted(k for k in start if k.startswith("eval/")):
+        metrics[f"held-out {key.removeprefix('eval/')} (before -> after)"] = f"{start[key]:.3f} -> {end[key]:.3f}"
+    _print_table(f"PPO (Eq. 11) with β = {config.beta:g} in the reward (Eq. 12); plots in {out}", metrics)
+    return 0
+
+
 def cmd_preference_data(args) -> int:
     import matplotlib
 
@@ -370,6 +421,7 @@ POSITIVE_INT = _checked(int, lambda v: v >= 1, "an int >= 1")
 NON_NEGATIVE_INT = _checked(int, lambda v: v >= 0, "an int >= 0")
 POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+POSITIVE_OR_INF = _checked(float, lambda v: v > 0 and not math.isnan(v), "a number > 0 (inf: no clipping)")
 
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)"
 SEED_HELP = "random seed (default: the chapter's)"
@@ -385,6 +437,14 @@ def _add_out(p, what: str, default: Path, committed: Path, caveat: str = CPU_CAV
     group.add_argument("--update-committed", action="store_true",
                        help=f"overwrite the committed files under {relative_to_repo(committed)}/ instead; {caveat}")
     p.set_defaults(committed_out=committed)
+
+
+def _add_run_options(p, name: str) -> None:
+    """--seed, --device, --out (default runs/<name>) and --quiet: what every RL training command takes."""
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help=SEED_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--out", default=str(RUNS / name), help=f"folder for plots and histories (default: runs/{name})")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -449,11 +509,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--updates", type=POSITIVE_INT, default=None, help="policy updates (default: the chapter's)")
     p.add_argument("--prompts-per-update", type=POSITIVE_INT, default=None,
                    help="S, prompts sampled per policy update (default: the chapter's)")
-    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help=SEED_HELP)
-    p.add_argument("--device", default=None, help=DEVICE_HELP)
-    p.add_argument("--out", default=str(RUNS / "trpo"), help="folder for plots and histories (default: runs/trpo)")
-    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    _add_run_options(p, "trpo")
     p.set_defaults(func=cmd_trpo)
+
+    p = sub.add_parser("ppo", help="PPO against the reward model, the KL to the SFT model in the reward (chapter 08)")
+    p.add_argument("--init", default=str(SFT), help="checkpoint to start from and the frozen reference of Eq. 12 "
+                                                    "(default: data/checkpoints/sft)")
+    p.add_argument("--reward-model", default=str(REWARD_MODEL),
+                   help="reward model checkpoint (default: data/checkpoints/reward_model)")
+    p.add_argument("--beta", type=NON_NEGATIVE, default=None, help="β of Eq. 12 (0: no KL term; default: 1)")
+    p.add_argument("--epsilon", type=POSITIVE_OR_INF, default=None, help="ε of Eq. 11's clip (inf: none; default: 0.2)")
+    p.add_argument("--iterations", type=POSITIVE_INT, default=None, help="PPO iterations (default: the chapter's)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="passes over each batch (default: 4)")
+    p.add_argument("--prompts-per-iteration", type=POSITIVE_INT, default=None,
+                   help="S, prompts sampled per iteration (default: 32)")
+    p.add_argument("--critic-warmup", type=NON_NEGATIVE_INT, default=None,
+                   help="batches the critic is fitted on before the first policy step (default: 10)")
+    p.add_argument("--normalization", choices=("per_sample", "token_mean"), default=None,
+                   help="per_sample: Eq. 11's Σ_t then / S (default); token_mean: TRL's mean over tokens")
+    _add_run_options(p, "ppo")
+    p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("preference-data", help="sample, pair and label responses of the SFT model (chapter 05 data)")
     p.add_argument("--init", default=str(SFT), help="checkpoint to sample from (default: data/checkpoints/sft)")

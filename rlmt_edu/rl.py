@@ -126,11 +126,15 @@ def heldout_scores(model, tokenizer, questions: Sequence[Question], *, max_new_t
 
 
 def heldout_scores_by_category(
-    model, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 24
+    model, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 24,
+    responses: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """``heldout_scores``, and the same two numbers for each category present: ``eval/gold_score/math``,
-    ``eval/accuracy/math``, ... (one greedy pass over all ``questions``)."""
-    responses = answer(model, tokenizer, [q.question for q in questions], max_new_tokens=max_new_tokens)
+    ``eval/accuracy/math``, ... (one greedy pass over all ``questions``, or the greedy ``responses`` given)."""
+    if responses is None:
+        responses = answer(model, tokenizer, [q.question for q in questions], max_new_tokens=max_new_tokens)
+    elif len(responses) != len(questions):
+        raise ValueError(f"responses: expected one per question ({len(questions)}), got {len(responses)}")
     gold = gold_reward(questions, responses)  # (B,)
     correct = exact_match_reward(questions, responses)  # (B,)
     scores = {"eval/gold_score": gold.mean().item(), "eval/accuracy": correct.mean().item()}

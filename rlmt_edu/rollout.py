@@ -71,6 +71,18 @@ class Rollout:
         """(B,) number of response tokens per row, <EOS> included."""
         return self.response_mask.sum(dim=1)
 
+    def select(self, rows: Tensor) -> "Rollout":
+        """The rollout of the samples ``rows`` (a 1-D index tensor): a mini-batch of the same batch. The column
+        layout (P prompt columns, N response columns) is kept, so positions and slices stay valid."""
+        if not isinstance(rows, Tensor) or rows.ndim != 1 or rows.numel() == 0 or rows.dtype != torch.long:
+            raise ValueError(f"rows: expected a non-empty 1-D tensor of row indices (long), got {rows!r:.60}")
+        batch = self.response_ids.shape[0]
+        if int(rows.min()) < 0 or int(rows.max()) >= batch:
+            raise ValueError(f"rows: expected indices in [0, {batch}), got {rows.tolist()!r:.60}")
+        rows = rows.to(self.response_ids.device)
+        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[rows],
+                       self.response_mask[rows], self.logp[rows], self.temperature)
+
     def decode(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         """The response texts, without special tokens (no <EOS>, no padding)."""
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(self.response_ids, self.response_mask)]

@@ -156,6 +156,8 @@ def test_choose_device_names_device():
     (["rejection-sampling", "--temperature", "inf"],
      "argument --temperature: expected a finite number > 0, got 'inf'"),
     (["trpo", "--delta", "0"], "argument --delta: expected a finite number > 0, got '0'"),
+    (["ppo", "--beta", "-0.5"], "argument --beta: expected a finite number >= 0, got '-0.5'"),
+    (["ppo", "--epsilon", "0"], "argument --epsilon: expected a number > 0 (inf: no clipping), got '0'"),
     (["trpo", "--delta", "-0.01"], "argument --delta: expected a finite number > 0, got '-0.01'"),
     (["trpo", "--delta", "nan"], "argument --delta: expected a finite number > 0, got 'nan'"),
     (["trpo", "--delta", "inf"], "argument --delta: expected a finite number > 0, got 'inf'"),
@@ -313,6 +315,20 @@ def test_trpo_command_with_beta_runs_the_penalty_form(tmp_path, capsys):
     assert "TRPO, penalty form (Eq. 9, β = 0.1)" in printed and "kl/final" in printed
     assert (tmp_path / "trpo_penalty_beta0.1.png").stat().st_size > 0
     assert (tmp_path / "trpo_penalty_beta0.1.json").is_file()
+
+
+def test_ppo_command_prints_metrics_per_category_and_saves_plots(tmp_path, capsys):
+    code = main(["ppo", "--iterations", "2", "--prompts-per-iteration", "4", "--critic-warmup", "1",
+                 "--epsilon", "inf", "--quiet", "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "PPO (Eq. 11) with β = 1 in the reward (Eq. 12)" in printed
+    for key in ("sampled proxy R", "sampled gold", "KL to SFT per response", "length, words",
+                "held-out gold_score (before -> after)", "held-out gold_score/safety (before -> after)",
+                "held-out proxy (before -> after)"):
+        assert key in printed, key
+    assert (tmp_path / "ppo_beta1_epsinf.png").stat().st_size > 0
+    assert (tmp_path / "ppo_beta1_epsinf.json").is_file()
 
 
 def test_rejection_sampling_command_prints_metrics_and_saves_plots(tmp_path, capsys):

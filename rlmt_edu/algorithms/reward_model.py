@@ -417,10 +417,12 @@ def length_preference_within_questions(rewards_i: Sequence[float], rewards_j: Se
 
 def reward_model_reward(model, tokenizer):
     """The reward model as an RL reward function: ``(questions, responses) -> R(text)``, a tensor (B,)
-    (``rlmt_edu.rl`` calls this shape a ``RewardFn``). What PPO (chapter 08) and GRAPE (chapter 11) optimise."""
+    (``rlmt_edu.rl`` calls this shape a ``RewardFn``). What PPO (chapter 08) and GRAPE (chapter 11) optimise.
+    The function carries the reward model as ``.model``."""
     def reward(questions, responses) -> Tensor:
         return reward_model_scores(model, tokenizer, [q.question for q in questions], list(responses))
 
+    reward.model = model  # so that a trainer can check the reward model's vocabulary against the policy's
     return reward
 
 
