@@ -70,3 +70,11 @@ def test_cli_entry_point_answers_help():
     assert result.returncode == 0
     for command in ("data", "pretrain", "sft", "chat"):
         assert command in result.stdout
+
+
+def test_readme_setup_installs_the_cpu_build_of_torch_before_the_package():
+    """A CPU-only user must not be sent to the multi-GB CUDA build: torch from the CPU index comes first."""
+    readme = (ROOT / "README.md").read_text()
+    setup = readme[readme.index("## Quick start"):readme.index("jupyter lab")]
+    cpu = setup.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    assert cpu < setup.index('pip install -e ".[dev]"')
