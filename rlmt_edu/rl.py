@@ -146,6 +146,43 @@ def heldout_scores_by_category(
     return scores
 
 
+def check_same_vocabulary(policy, tokenizer, **models) -> None:
+    """Raise ``ValueError`` naming the argument unless ``tokenizer`` and every model of ``models`` (e.g. the
+    reference, the critic, the reward model; None is skipped) share the policy's vocabulary: a log-ratio, a
+    KL or a reward of token ids from another vocabulary would be silently meaningless."""
+    vocabulary = policy.get_input_embeddings().num_embeddings
+    if tokenizer is not None and len(tokenizer) != vocabulary:
+        raise ValueError(f"tokenizer: expected the policy's vocabulary of {vocabulary} tokens, got {len(tokenizer)}")
+    for name, model in models.items():
+        if model is not None and model.get_input_embeddings().num_embeddings != vocabulary:
+            raise ValueError(f"{name}: expected the policy's vocabulary of {vocabulary} tokens, "
+                             f"got a model of {model.get_input_embeddings().num_embeddings}")
+
+
+class BatchDrawer:
+    """One batch of an on-policy RL loop: ``batch_size`` prompts from a seeded ``PromptSampler``, one response
+    each sampled from the CURRENT ``model`` (a seeded generator on its device), and their rewards.
+
+    ``draw()`` returns ``(questions, rollout, responses, rewards)``, rewards a (B,) tensor on the model's device,
+    checked by ``score_responses``. TRPO (chapter 07) and PPO (chapter 08) draw their batches with it.
+    """
+
+    def __init__(self, model, tokenizer, questions: Sequence[Question], reward_fn: RewardFn, *, seed: int,
+                 batch_size: int, temperature: float, max_new_tokens: int):
+        self.draw_prompts = PromptSampler(questions, seed)
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.model, self.tokenizer, self.reward_fn = model, tokenizer, reward_fn
+        self.batch_size, self.temperature, self.max_new_tokens = batch_size, temperature, max_new_tokens
+
+    def __call__(self) -> tuple[list[Question], Rollout, list[str], Tensor]:
+        batch = self.draw_prompts(self.batch_size)
+        rollout, responses = sample_responses(self.model, self.tokenizer, batch, temperature=self.temperature,
+                                              max_new_tokens=self.max_new_tokens, generator=self.generator)
+        rewards = score_responses(self.reward_fn, batch, responses).to(self.device)  # (B,) R(text)
+        return batch, rollout, responses, rewards
+
+
 @torch.no_grad()
 def drift_from_reference(
     model, reference, tokenizer, questions: Sequence[Question], *, max_new_tokens: int = 24, batch_size: int = 128,
@@ -158,11 +195,7 @@ def drift_from_reference(
     for this world is whether to refuse), and both per category (``drift/kl/math``, ...). The direction and
     the states are those of TRPO's constraint with π_old = the reference, so the number is comparable with δ.
     """
-    vocabulary = model.get_input_embeddings().num_embeddings
-    reference_vocabulary = reference.get_input_embeddings().num_embeddings
-    if reference_vocabulary != vocabulary:
-        raise ValueError(f"reference: expected the model's vocabulary of {vocabulary} tokens, "
-                         f"got a model of {reference_vocabulary}")
+    check_same_vocabulary(model, None, reference=reference)
     if len(questions) == 0:
         raise ValueError("questions: expected at least one question, got none")
     summed, counts, first = [], [], []

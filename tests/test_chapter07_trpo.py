@@ -439,7 +439,7 @@ def test_drift_from_reference_is_the_mean_kl_on_the_references_greedy_answers(sf
 def test_drift_from_reference_refuses_bad_input(sft_and_batch):
     model, tokenizer, _, _, _ = sft_and_batch
     other = build_model(build_tokenizer(["apple", "pear"]), ModelConfig(n_layer=1, n_head=1, n_embd=4), seed=0)
-    with pytest.raises(ValueError, match="reference: expected the model's vocabulary"):
+    with pytest.raises(ValueError, match="reference: expected the policy's vocabulary"):
         drift_from_reference(model, other, tokenizer, heldout_questions()[:2])
     with pytest.raises(ValueError, match="questions: expected at least one question"):
         drift_from_reference(model, model, tokenizer, [])

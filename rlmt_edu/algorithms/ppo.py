@@ -35,13 +35,13 @@ from rlmt_edu.losses.advantage import gae
 from rlmt_edu.losses.ppo import kl_shaped_advantage, kl_shaped_rewards, ppo_clip_loss
 from rlmt_edu.rl import (
     PROMPT_POOLS,
-    PromptSampler,
+    BatchDrawer,
     RewardFn,
+    check_same_vocabulary,
     gold_reward,
     heldout_questions,
     heldout_scores_by_category,
     prompt_pool,
-    sample_responses,
     score_responses,
 )
 from rlmt_edu.rollout import Rollout, policy_logprobs
@@ -100,23 +100,6 @@ class PPOConfig:
         check_choice("prompts", self.prompts, PROMPT_POOLS)
 
 
-def _vocabulary(model) -> int:
-    return model.get_input_embeddings().num_embeddings
-
-
-def check_same_vocabulary(policy, tokenizer, **models) -> None:
-    """Raise ``ValueError`` naming the argument unless ``tokenizer`` and every model of ``models`` (e.g. the
-    reference, the critic, the reward model) share the policy's vocabulary: a log-ratio, a KL or a reward of
-    token ids from another vocabulary would be silently meaningless."""
-    vocabulary = _vocabulary(policy)
-    if len(tokenizer) != vocabulary:
-        raise ValueError(f"tokenizer: expected the policy's vocabulary of {vocabulary} tokens, got {len(tokenizer)}")
-    for name, model in models.items():
-        if model is not None and _vocabulary(model) != vocabulary:
-            raise ValueError(f"{name}: expected the policy's vocabulary of {vocabulary} tokens, "
-                             f"got a model of {_vocabulary(model)}")
-
-
 def ppo_advantages(rewards: Tensor, logp_old: Tensor, logp_ref: Tensor, values: Tensor, response_mask: Tensor,
                    config: PPOConfig) -> tuple[Tensor, Tensor]:
     """Eq. (12) and the advantage on it: returns (R', A'), each (B, N), 0 outside ``response_mask``.
@@ -154,24 +137,6 @@ def ppo_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, response_mask: 
     if normalization == "token_mean":
         loss = loss * logp.shape[0] / response_mask.sum().clamp_min(1)  # × S / (tokens): a mean over tokens
     return loss, metrics
-
-
-class _Batches:
-    """Prompts, samples and rewards of one iteration: the part of PPO that is not the update."""
-
-    def __init__(self, policy, tokenizer, config: PPOConfig, questions, reward_fn: RewardFn):
-        pool = prompt_pool(config.prompts) if questions is None else list(questions)
-        self.draw_prompts = PromptSampler(pool, config.seed)
-        self.device = next(policy.parameters()).device
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.policy, self.tokenizer, self.config, self.reward_fn = policy, tokenizer, config, reward_fn
-
-    def __call__(self) -> tuple[list[Question], Rollout, list[str], Tensor]:
-        batch = self.draw_prompts(self.config.prompts_per_iteration)
-        rollout, responses = sample_responses(self.policy, self.tokenizer, batch, temperature=self.config.temperature,
-                                              max_new_tokens=self.config.max_new_tokens, generator=self.generator)
-        rewards = score_responses(self.reward_fn, batch, responses).to(self.device)  # (B,) R(text)
-        return batch, rollout, responses, rewards
 
 
 def _evaluate(policy, tokenizer, reward_fn: RewardFn, questions: Sequence[Question]) -> dict[str, float]:
@@ -237,7 +202,10 @@ def ppo(
     eval_questions = heldout_questions(config.prompts) if eval_questions is None else list(eval_questions)
 
     seed_everything(config.seed)
-    draw = _Batches(policy, tokenizer, config, questions, reward_fn)
+    pool = prompt_pool(config.prompts) if questions is None else list(questions)
+    draw = BatchDrawer(policy, tokenizer, pool, reward_fn, seed=config.seed,
+                       batch_size=config.prompts_per_iteration, temperature=config.temperature,
+                       max_new_tokens=config.max_new_tokens)
     shuffle = torch.Generator().manual_seed(config.seed + 1)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=config.critic_learning_rate)

@@ -533,13 +533,13 @@ REWARD_MODEL_CONFIG = RewardModelConfig()
 def reward_model_metrics(model, tokenizer, train_pairs, heldout_pairs) -> dict:
     """The numbers saved with the checkpoint: accuracies vs labels and gold, and the learned length slopes."""
     train_pairs = _as_pairs(train_pairs, "train_pairs")
-    train = evaluate_reward_model(model, tokenizer, train_pairs)
+    train_rewards = pair_rewards(model, tokenizer, train_pairs)  # scored once: accuracies and the tie measure
+    train = pairwise_metrics(*train_rewards, train_pairs)
     heldout_pairs = _as_pairs(heldout_pairs, "heldout_pairs")
     heldout_rewards = pair_rewards(model, tokenizer, heldout_pairs)  # scored once, measured three ways
     held = pairwise_metrics(*heldout_rewards, heldout_pairs)
     by_kind = gold_accuracy_by_kind(*heldout_rewards, heldout_pairs)
     slopes = length_bias(response_table(model, tokenizer, heldout_pairs))
-    train_rewards = pair_rewards(model, tokenizer, train_pairs)
     ties = length_preference_within_questions(*train_rewards, train_pairs)  # 216 tie pairs (29 held out)
     metrics = {
         "train/accuracy": train["accuracy"], "train/gold_accuracy": train["gold_accuracy"],

@@ -53,12 +53,10 @@ from rlmt_edu.losses.trpo import trpo_constraint_satisfied, trpo_penalty_loss
 from rlmt_edu.rl import (
     PROMPT_POOLS,
     REWARDS,
-    PromptSampler,
+    BatchDrawer,
     heldout_questions,
     heldout_scores_by_category,
     prompt_pool,
-    sample_responses,
-    score_responses,
 )
 from rlmt_edu.rollout import Rollout, policy_logits
 from rlmt_edu.utils import History, seed_everything
@@ -437,26 +435,17 @@ def _check_vocabulary(model, tokenizer) -> None:
 
 
 class _BatchDrawer:
-    """Sample a batch from the current policy and score it: the part TRPO and its penalty form share."""
+    """``rl.BatchDrawer``'s batch, with TRPO's advantages A = R - mean(R) and the batch's logged numbers."""
 
     def __init__(self, model, tokenizer, config: _BatchSettings, questions: Sequence[Question] | None):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.reward_fn = REWARDS[config.reward]
         pool = prompt_pool(config.prompts) if questions is None else list(questions)
-        self.draw_prompts = PromptSampler(pool, config.seed)
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)
-        self.device = device
+        self.draw = BatchDrawer(model, tokenizer, pool, REWARDS[config.reward], seed=config.seed,
+                                batch_size=config.prompts_per_update, temperature=config.temperature,
+                                max_new_tokens=config.max_new_tokens)
 
     def __call__(self) -> tuple[Rollout, Tensor, dict[str, float]]:
-        config = self.config
-        batch = self.draw_prompts(config.prompts_per_update)
-        rollout, responses = sample_responses(
-            self.model, self.tokenizer, batch, temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens, generator=self.generator,
-        )
-        rewards = score_responses(self.reward_fn, batch, responses).to(self.device)  # (B,)
-        advantages = batch_advantages(rewards, rollout.response_mask.to(self.device))  # (B, N)
+        _, rollout, _, rewards = self.draw()  # (B,) on the model's device
+        advantages = batch_advantages(rewards, rollout.response_mask.to(rewards.device))  # (B, N)
         row = {"reward/mean": rewards.mean().item(),
                "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
                "response/length": rollout.response_lengths.float().mean().item()}
