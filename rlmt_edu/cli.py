@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import tempfile
@@ -28,6 +29,12 @@ def _print_table(title: str, metrics: dict) -> None:
     for key, value in metrics.items():
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"{key:<{width}}  {shown:>9}")
+
+
+def _first_last(rows: list[dict], window: int, key: str) -> str:
+    """'first -> last': the mean of ``key`` over the first ``window`` rows and over the last ``window`` rows."""
+    values = [row[key] for row in rows]
+    return f"{sum(values[:window]) / window:.3f} -> {sum(values[-window:]) / window:.3f}"
 
 
 def _replace(config, **overrides):
@@ -270,10 +277,7 @@ def cmd_ppo(args) -> int:
 
     updates = [row for row in history if row["step"] >= 0]
     window = max(1, min(5, len(updates) // 2))
-
-    def first_last(key: str) -> str:
-        values = [row[key] for row in updates]
-        return f"{sum(values[:window]) / window:.3f} -> {sum(values[-window:]) / window:.3f}"
+    first_last = functools.partial(_first_last, updates, window)
 
     metrics = {"beta": config.beta, "epsilon": config.epsilon, "iterations": len(updates),
                f"sampled proxy R (first {window} -> last {window})": first_last("reward/proxy"),
@@ -285,6 +289,98 @@ def cmd_ppo(args) -> int:
     for key in sorted(k for k in start if k.startswith("eval/")):
         metrics[f"held-out {key.removeprefix('eval/')} (before -> after)"] = f"{start[key]:.3f} -> {end[key]:.3f}"
     _print_table(f"PPO (Eq. 11) with β = {config.beta:g} in the reward (Eq. 12); plots in {out}", metrics)
+    return 0
+
+
+def cmd_grpo(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlmt_edu import plots
+    from rlmt_edu.algorithms.grpo import GRPOConfig, grpo, plot_grpo
+    from rlmt_edu.model import load_checkpoint
+    from rlmt_edu.rl import REWARDS, prompt_pool
+    from rlmt_edu.utils import choose_device
+
+    device = choose_device(args.device)
+    policy, tokenizer = load_checkpoint(args.init, device=device, argument="init")
+    config = _replace(GRPOConfig(), steps=args.steps, questions_per_step=args.questions, group_size=args.group_size,
+                      updates_per_batch=args.updates_per_batch, epsilon=args.epsilon, beta=args.beta,
+                      normalization=args.normalization, scale_by_std=True if args.scale_by_std else None,
+                      kl_estimator=args.kl_estimator, learning_rate=args.lr, prompts=args.prompts, seed=args.seed)
+    reward = args.reward or "exact_match"
+    out = Path(args.out)
+    extra = {"practice": prompt_pool(config.prompts)} if config.prompts == "math_practice" else None
+    history = grpo(policy, tokenizer, REWARDS[reward], config, extra_eval=extra, progress=not args.quiet)
+    name = f"grpo_{config.prompts}_{config.normalization}_beta{config.beta:g}"
+    history.to_json(out / f"{name}.json")
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8), layout="constrained")
+    plot_grpo({name: [history]}, axes=axes, accuracy_key="practice/accuracy" if extra else "eval/accuracy")
+    plots.save_figure(fig, out / f"{name}.png")
+    plt.close(fig)
+
+    steps = [row for row in history if row["step"] >= 0]
+    window = max(1, min(5, len(steps) // 2))
+    first_last = functools.partial(_first_last, steps, window)
+
+    metrics = {"prompts": config.prompts, "reward": reward, "Q x G": f"{config.questions_per_step} x {config.group_size}",
+               "steps": len(steps), f"sampled reward (first {window} -> last {window})": first_last("reward/mean"),
+               f"zero-signal groups (first {window} -> last {window})": first_last("groups/zero_signal"),
+               f"length, words (first {window} -> last {window})": first_last("response/length"),
+               "KL to SFT per response (last)": steps[-1]["kl/sft"]}
+    start, end = history[0], history[-1]
+    for key in sorted(k for k in start if "/" in k and k.split("/")[1] in ("accuracy", "gold_score", "length")
+                      or k.startswith("eval/accuracy/") or k.startswith("eval/gold_score/")):
+        metrics[f"held-out {key} (before -> after)"] = f"{start[key]:.3f} -> {end[key]:.3f}"
+    _print_table(f"GRPO (Eq. 13-14), {config.normalization} normalisation, β = {config.beta:g}; plots in {out}", metrics)
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlmt_edu import plots
+    from rlmt_edu.algorithms.dpo import DPOConfig, dpo, gold_win_rate, pairs_with_responses, plot_dpo
+    from rlmt_edu.algorithms.preference_data import load_preference_pairs
+    from rlmt_edu.model import load_checkpoint
+    from rlmt_edu.rl import drift_from_reference, heldout_questions
+    from rlmt_edu.utils import choose_device
+
+    device = choose_device(args.device)
+    policy, tokenizer = load_checkpoint(args.init, device=device, argument="init")
+    reference, _ = load_checkpoint(args.init, device=device, argument="init")
+    reference.requires_grad_(False)
+    config = _replace(DPOConfig(), loss=args.loss, beta=args.beta, steps=args.steps, batch_size=args.batch_size,
+                      learning_rate=args.lr, seed=args.seed)
+    train, dropped = pairs_with_responses(load_preference_pairs("train", args.pairs))
+    if dropped:
+        print(f"{dropped} training pairs with an empty response left out")
+    questions = heldout_questions()
+    history = dpo(policy, tokenizer, train, config, reference=reference,
+                  heldout_pairs=load_preference_pairs("heldout", args.pairs), eval_questions=questions,
+                  progress=not args.quiet)
+    out = Path(args.out)
+    name = f"dpo_beta{config.beta:g}" if config.loss == "dpo" else "naive"
+    history.to_json(out / f"{name}.json")
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8), layout="constrained")
+    plot_dpo({name: [history]}, axes=axes)
+    plots.save_figure(fig, out / f"{name}.png")
+    plt.close(fig)
+    wins = gold_win_rate(policy, reference, tokenizer, questions, seed=config.seed)
+    start, end = history[0], history[-1]
+    metrics = {"loss": config.loss, "beta": config.beta, "steps": config.steps, "final loss": end["loss"],
+               "gold win rate vs SFT (4 samples per held-out question)": wins["win_rate"],
+               "wins / ties / losses": f"{wins['wins']} / {wins['ties']} / {wins['losses']}",
+               "KL to SFT (held-out, per token)": drift_from_reference(policy, reference, tokenizer, questions)["drift/kl"]}
+    for key in ("pairs/label_accuracy", "pairs/gold_accuracy", "pairs/logp_chosen", "pairs/logp_rejected",
+                "eval/gold_score", *(f"eval/gold_score/{c}" for c in ("math", "facts", "safety"))):
+        metrics[f"held-out {key} (before -> after)"] = f"{start[key]:.3f} -> {end[key]:.3f}"
+    _print_table(f"{'DPO' if config.loss == 'dpo' else 'the naive preference loss'} (§4.9); plots in {out}", metrics)
     return 0
 
 
@@ -529,6 +625,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per_sample: Eq. 11's Σ_t then / S (default); token_mean: TRL's mean over tokens")
     _add_run_options(p, "ppo")
     p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("grpo", help="GRPO with a verifiable reward, no critic, no reward model (chapter 09)")
+    p.add_argument("--init", default=str(SFT), help="checkpoint to start from (default: data/checkpoints/sft)")
+    p.add_argument("--prompts", choices=("math_practice", "math", "facts", "safety", "train_pool"), default=None,
+                   help="prompt pool (default: math_practice, held-out sums never demonstrated)")
+    p.add_argument("--reward", choices=("exact_match", "gold"), default=None, help="R(text) (default: exact_match)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="GRPO steps (default: 30)")
+    p.add_argument("--questions", type=POSITIVE_INT, default=None, help="Q, questions per step (default: 8)")
+    p.add_argument("--group-size", type=POSITIVE_INT, default=None, help="G, responses per question, >= 2 (default: 8)")
+    p.add_argument("--updates-per-batch", type=POSITIVE_INT, default=None,
+                   help="gradient steps per sampled batch (default: 1, on-policy)")
+    p.add_argument("--epsilon", type=POSITIVE_OR_INF, default=None, help="ε of Eq. 14's clip (default: 0.2)")
+    p.add_argument("--beta", type=NON_NEGATIVE, default=None, help="weight of a KL term to SFT (default: 0, Eq. 14)")
+    p.add_argument("--kl-estimator", choices=("k3", "k3_ratio_corrected"), default=None, help="default: k3")
+    p.add_argument("--normalization", choices=("paper", "sequence_mean", "token_mean"), default=None,
+                   help="paper: Eq. 14's Σ_t then / QG (default); sequence_mean: the original GRPO; token_mean")
+    p.add_argument("--scale-by-std", action="store_true", help="divide advantages by the group's std (original GRPO)")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="learning rate (default: 3e-5)")
+    _add_run_options(p, "grpo")
+    p.set_defaults(func=cmd_grpo)
+
+    p = sub.add_parser("dpo", help="DPO (or the naive preference loss) on the preference pairs (chapter 10)")
+    p.add_argument("--init", default=str(SFT), help="checkpoint to start from and the frozen reference π0 "
+                                                    "(default: data/checkpoints/sft)")
+    p.add_argument("--pairs", default=None, help="folder with preference_pairs_{train,heldout}.jsonl (default: data/)")
+    p.add_argument("--loss", choices=("dpo", "naive"), default=None, help="default: dpo")
+    p.add_argument("--beta", type=POSITIVE, default=None, help="β of the DPO loss (default: 0.1)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="gradient steps (default: 40)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="pairs per step (default: 32)")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="learning rate (default: 5e-5)")
+    _add_run_options(p, "dpo")
+    p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("preference-data", help="sample, pair and label responses of the SFT model (chapter 05 data)")
     p.add_argument("--init", default=str(SFT), help="checkpoint to sample from (default: data/checkpoints/sft)")

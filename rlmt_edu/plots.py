@@ -96,6 +96,17 @@ def plot_seeds(
     return ax
 
 
+def panel_axes(axes, count: int, *, figsize: tuple[float, float] = (18, 3.8)) -> list:
+    """``axes`` as a flat list of ``count`` Axes, or a new 1 × ``count`` figure's when ``axes`` is None; a chapter's
+    multi-panel figure draws into either."""
+    if axes is None:
+        _, axes = plt.subplots(1, count, figsize=figsize, layout="constrained")
+    axes = list(np.asarray(axes).flatten())
+    if len(axes) != count:
+        raise ValueError(f"axes: expected {count} Axes, got {len(axes)}")
+    return axes
+
+
 def plot_before_after(
     before: Mapping[str, float],
     after: Mapping[str, float],

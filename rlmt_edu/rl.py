@@ -30,7 +30,7 @@ from rlmt_edu.world.tasks import CATEGORIES, Question, make_split
 Tensor = torch.Tensor
 RewardFn = Callable[[Sequence[Question], Sequence[str]], Tensor]
 
-PROMPT_POOLS = ("train_pool", *CATEGORIES)
+PROMPT_POOLS = ("train_pool", *CATEGORIES, "math_practice")
 
 
 # ---- reward functions R(text) -------------------------------------------------------------------------------
@@ -76,16 +76,35 @@ def score_responses(reward_fn: RewardFn, questions: Sequence[Question], response
 # ---- prompts and samples -------------------------------------------------------------------------------------
 
 
+def _math_practice_split() -> tuple[list[Question], list[Question]]:
+    """The held-out math questions cut in two by a fixed seeded shuffle: (practice, never practised)."""
+    held = [q for q in make_split(0).eval if q.category == "math"]
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(0)).tolist()
+    half = len(held) // 2
+    return [held[i] for i in sorted(order[:half])], [held[i] for i in sorted(order[half:])]
+
+
 def prompt_pool(name: str = "train_pool") -> list[Question]:
-    """Questions RL may train on: the world's train pool (outside the eval set), or one category of it."""
+    """Questions RL may train on: the world's train pool (outside the eval set), or one category of it.
+
+    ``"math_practice"`` is different: half of the HELD-OUT math questions (40 of 81, a fixed split), sums that no
+    training source (corpus, SFT data, preference pairs) ever shows. RL with a verifiable reward needs only the
+    question and a checker, never a demonstrated answer, so chapter 09 practises on them; its held-out set is
+    then the other half (``heldout_questions("math_practice")``), which nothing trains on.
+    """
     check_choice("prompts", name, PROMPT_POOLS)
+    if name == "math_practice":
+        return _math_practice_split()[0]
     pool = make_split(0).train_pool
     return list(pool) if name == "train_pool" else [q for q in pool if q.category == name]
 
 
 def heldout_questions(name: str = "train_pool") -> list[Question]:
-    """The held-out evaluation questions that match a prompt pool (all of them, or one category)."""
+    """The held-out evaluation questions that match a prompt pool (all of them, or one category; for
+    ``"math_practice"`` the held-out math questions outside the practice half)."""
     check_choice("prompts", name, PROMPT_POOLS)
+    if name == "math_practice":
+        return _math_practice_split()[1]
     held = make_split(0).eval
     return list(held) if name == "train_pool" else [q for q in held if q.category == name]
 
@@ -146,6 +165,17 @@ def heldout_scores_by_category(
     return scores
 
 
+def heldout_report(policy, tokenizer, reward_fn: RewardFn, questions: Sequence[Question]) -> dict[str, float]:
+    """Greedy answers to held-out ``questions``: ``heldout_scores_by_category`` (gold and accuracy, overall and
+    per category), the proxy reward ``reward_fn`` gives the same answers (``eval/proxy``) and their mean length
+    in words (``eval/length``). Every RL procedure evaluates with it, so their numbers compare."""
+    responses = answer(policy, tokenizer, [q.question for q in questions])
+    scores = heldout_scores_by_category(policy, tokenizer, questions, responses=responses)
+    scores["eval/proxy"] = score_responses(reward_fn, questions, responses).mean().item()
+    scores["eval/length"] = sum(len(r.split()) for r in responses) / len(responses)
+    return scores
+
+
 def check_same_vocabulary(policy, tokenizer, **models) -> None:
     """Raise ``ValueError`` naming the argument unless ``tokenizer`` and every model of ``models`` (e.g. the
     reference, the critic, the reward model; None is skipped) share the policy's vocabulary: a log-ratio, a
@@ -159,24 +189,47 @@ def check_same_vocabulary(policy, tokenizer, **models) -> None:
                              f"got a model of {model.get_input_embeddings().num_embeddings}")
 
 
-class BatchDrawer:
-    """One batch of an on-policy RL loop: ``batch_size`` prompts from a seeded ``PromptSampler``, one response
-    each sampled from the CURRENT ``model`` (a seeded generator on its device), and their rewards.
+def frozen_reference(policy, tokenizer, reference=None):
+    """The frozen reference π_SFT (or π0) of a run that trains ``policy``: a frozen copy of ``policy`` as it is now
+    when ``reference`` is None, else ``reference`` itself, checked: not the policy, no parameter requiring grad,
+    the policy's vocabulary. Returned in eval mode. GRPO (chapter 09) and DPO (chapter 10) take theirs here."""
+    import copy
 
-    ``draw()`` returns ``(questions, rollout, responses, rewards)``, rewards a (B,) tensor on the model's device,
-    checked by ``score_responses``. TRPO (chapter 07) and PPO (chapter 08) draw their batches with it.
+    if reference is None:
+        reference = copy.deepcopy(policy).requires_grad_(False)
+    if reference is policy:
+        raise ValueError("reference: expected a frozen copy of the start model, got the policy itself")
+    if any(p.requires_grad for p in reference.parameters()):
+        raise ValueError("reference: expected a frozen model (requires_grad False on every parameter), got one "
+                         "that requires grad: call reference.requires_grad_(False)")
+    check_same_vocabulary(policy, tokenizer, reference=reference)
+    return reference.eval()
+
+
+class BatchDrawer:
+    """One batch of an on-policy RL loop: ``batch_size`` prompts from a seeded ``PromptSampler``, ``group_size``
+    responses each sampled from the CURRENT ``model`` (a seeded generator on its device), and their rewards.
+
+    ``draw()`` returns ``(questions, rollout, responses, rewards)`` with B = batch_size · group_size rows, the
+    G responses of one prompt in consecutive rows (so ``rewards.view(Q, G)`` is Eq. 13's grouping), rewards a
+    (B,) tensor on the model's device, checked by ``score_responses``. TRPO (chapter 07) and PPO (chapter 08)
+    draw one response per prompt; GRPO (chapter 09) and GRAPE (11) draw groups.
     """
 
     def __init__(self, model, tokenizer, questions: Sequence[Question], reward_fn: RewardFn, *, seed: int,
-                 batch_size: int, temperature: float, max_new_tokens: int):
+                 batch_size: int, temperature: float, max_new_tokens: int, group_size: int = 1):
+        for name, value in (("batch_size", batch_size), ("group_size", group_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         self.draw_prompts = PromptSampler(questions, seed)
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.model, self.tokenizer, self.reward_fn = model, tokenizer, reward_fn
         self.batch_size, self.temperature, self.max_new_tokens = batch_size, temperature, max_new_tokens
+        self.group_size = group_size
 
     def __call__(self) -> tuple[list[Question], Rollout, list[str], Tensor]:
-        batch = self.draw_prompts(self.batch_size)
+        batch = [q for q in self.draw_prompts(self.batch_size) for _ in range(self.group_size)]  # (Q·G,)
         rollout, responses = sample_responses(self.model, self.tokenizer, batch, temperature=self.temperature,
                                               max_new_tokens=self.max_new_tokens, generator=self.generator)
         rewards = score_responses(self.reward_fn, batch, responses).to(self.device)  # (B,) R(text)

@@ -5,7 +5,7 @@ belong to the response, and log π(a_t | s_t) of each sampled token. Every RL ch
 
 The loop keeps a KV cache: the keys and values of tokens already seen are computed once and reused, so each
 step costs one token's forward pass instead of the whole sequence's. For GPT-2 models the step runs through
-``LeanGPT2``, GPT-2's forward pass written out over the *same* weights (nothing copied) with a preallocated
+``LeanGPT2`` (in ``rlmt_edu.model``), GPT-2's forward pass written out over the *same* weights (nothing copied), with a preallocated
 cache; at our tiny sizes the per-call overhead of the general ``transformers`` forward dominates, and the lean
 forward is faster (see ``benchmarks/README.md``). ``tests/test_rollout.py`` proves that its logits equal the
 ``transformers`` logits. Any other ``AutoModelForCausalLM`` goes through its own forward with its own cache.
@@ -23,11 +23,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlmt_edu.losses._checks import check_choice, check_positive
-from rlmt_edu.model import context_length, position_ids_from_mask, sequence_logprobs
+from rlmt_edu.model import LeanGPT2, context_length, position_ids_from_mask, sequence_logprobs  # noqa: F401 (LeanGPT2 re-exported)
 
 Tensor = torch.Tensor
 
@@ -89,7 +88,8 @@ class Rollout:
         return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
-def policy_logprobs(model: PreTrainedModel, rollout: Rollout, *, temperature: float = 1.0) -> Tensor:
+def policy_logprobs(model: PreTrainedModel, rollout: Rollout, *, temperature: float = 1.0,
+                    backend: str = "hf") -> Tensor:
     """log π(a_t | s_t) of the rollout's response tokens under ``model``, from ONE forward pass: (B, N).
 
     | symbol | argument | shape |
@@ -99,12 +99,14 @@ def policy_logprobs(model: PreTrainedModel, rollout: Rollout, *, temperature: fl
     | log π(a_t \\| s_t), 0 where ``rollout.response_mask`` is 0 | returned | (B, N) |
 
     Gradients flow into ``model``. With the sampling model and the sampling ``temperature`` this reproduces
-    ``rollout.logp`` (up to float rounding): that is what makes the first PPO ratio exactly 1.
+    ``rollout.logp`` (up to float rounding): that is what makes the first PPO ratio exactly 1. ``backend``:
+    see ``model.sequence_logprobs``.
     """
     if not isinstance(rollout, Rollout):
         raise ValueError(f"rollout: expected a Rollout, got {type(rollout).__name__}")
     input_ids, attention_mask = rollout.sequences()
-    logp = sequence_logprobs(model, input_ids, attention_mask, temperature=temperature)  # (B, P+N-1)
+    logp = sequence_logprobs(model, input_ids, attention_mask, temperature=temperature,
+                             backend=backend)  # (B, P+N-1)
     logp = logp[:, rollout.response_slice]  # (B, N)
     return torch.where(rollout.response_mask.to(logp.device) != 0, logp, torch.zeros_like(logp))  # (B, N)
 
@@ -309,98 +311,3 @@ class _CachedForward:
         )
         self.cache, self.length = out[self.cache_name], end
         return out.logits[:, -1]  # (B, V)
-
-
-class LeanGPT2:
-    """GPT-2's forward pass written out over a ``GPT2LMHeadModel``'s own weights, with a preallocated KV cache.
-
-    The same computation as ``transformers``' GPT-2 (``tests/test_rollout.py`` checks the logits agree to
-    1e-5), without its per-call machinery, which dominates the cost of one token on a tiny model. It reads the
-    module's parameters when called and copies nothing, so it always sees the current weights. Inference only:
-    no dropout, no gradients needed.
-
-    Calling it with ``(input_ids, position_ids, mask)`` appends T tokens to the cache and returns the logits of
-    the last one: call it once with the whole (left-padded) prompt, then once per generated token.
-    """
-
-    def __init__(self, model: GPT2LMHeadModel, batch_size: int, max_length: int):
-        if not self.supports(model):
-            raise ValueError(f"model: expected a GPT2LMHeadModel, got {type(model).__name__}")
-        config = model.config
-        self.model = model
-        self.n_head = config.n_head
-        self.head_dim = config.n_embd // config.n_head
-        weight = model.transformer.wte.weight
-        # keys and values of every token seen so far, per layer: kv_cache[layer, 0] keys, kv_cache[layer, 1] values
-        self.kv_cache = weight.new_zeros((config.n_layer, 2, batch_size, self.n_head, max_length, self.head_dim))
-        self.key_mask = torch.zeros((batch_size, max_length), dtype=torch.bool, device=weight.device)  # (B, S)
-        self.length = 0  # cache slots filled so far
-        # GPT-2's "gelu_new" is the tanh approximation of GELU; torch has it as one fused kernel
-        self.fused_gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
-
-    @staticmethod
-    def supports(model: object) -> bool:
-        """True for a plain GPT-2 language model (no cross-attention, no upcast-and-reorder attention)."""
-        return (
-            isinstance(model, GPT2LMHeadModel)
-            and not model.config.add_cross_attention
-            and not model.config.reorder_and_upcast_attn
-        )
-
-    def __call__(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor) -> Tensor:
-        return self.forward(input_ids, position_ids, mask)[:, -1]  # (B, V)
-
-    def forward(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor, *, all_logits: bool = False) -> Tensor:
-        """Append ``input_ids`` (B, T) at ``position_ids`` (B, T) to the cache; ``mask`` (B, T) is 0 on padding.
-
-        Returns the logits (B, T, V) if ``all_logits``, else those of the last token only, (B, 1, V).
-        """
-        batch_size, n_new = input_ids.shape
-        start, end = self.length, self.length + n_new
-        if end > self.kv_cache.shape[4]:
-            raise ValueError(f"input_ids: the cache holds {self.kv_cache.shape[4]} tokens, {end} requested")
-        trunk = self.model.transformer
-        self.key_mask[:, start:end] = mask.bool()
-        attn_mask = self._attention_mask(start, end)  # (B, 1, T, S)
-
-        x = F.embedding(input_ids, trunk.wte.weight) + F.embedding(position_ids, trunk.wpe.weight)  # (B, T, C)
-        width = x.shape[-1]
-        for layer, block in enumerate(trunk.h):
-            # attention sub-block: x + c_proj(attention(ln_1(x)))
-            h = F.layer_norm(x, (width,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)  # (B, T, C)
-            qkv = _conv1d(h, block.attn.c_attn)  # (B, T, 3C): queries | keys | values
-            qkv = qkv.view(batch_size, n_new, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, C/H)
-            cache = self.kv_cache[layer]  # (2, B, H, S, C/H)
-            cache[:, :, :, start:end] = qkv[1:]  # store the new keys and values
-            y = F.scaled_dot_product_attention(
-                qkv[0], cache[0, :, :, :end], cache[1, :, :, :end], attn_mask=attn_mask, scale=block.attn.scaling
-            )  # (B, H, T, C/H)
-            y = y.transpose(1, 2).reshape(batch_size, n_new, width)  # (B, T, C)
-            x = x + _conv1d(y, block.attn.c_proj)  # (B, T, C)
-            # MLP sub-block: x + c_proj(gelu(c_fc(ln_2(x))))
-            h = F.layer_norm(x, (width,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)  # (B, T, C)
-            h = _conv1d(h, block.mlp.c_fc)  # (B, T, 4C)
-            h = F.gelu(h, approximate="tanh") if self.fused_gelu else block.mlp.act(h)  # (B, T, 4C)
-            x = x + _conv1d(h, block.mlp.c_proj)  # (B, T, C)
-        self.length = end
-        if not all_logits:
-            x = x[:, -1:]  # (B, 1, C) only the last token's next-token scores are needed for sampling
-        x = F.layer_norm(x, (width,), trunk.ln_f.weight, trunk.ln_f.bias, trunk.ln_f.eps)
-        return F.linear(x, self.model.lm_head.weight)  # (B, T, V) tied to wte
-
-    def _attention_mask(self, start: int, end: int) -> Tensor:
-        """(B, 1, T, S) True where new token i (cache slot start + i) may attend to slot j."""
-        slots = torch.arange(end, device=self.key_mask.device)  # (S,)
-        query_slots = slots[start:end, None]  # (T, 1)
-        # causal (no peeking at later slots) and never at padding ...
-        allowed = (slots <= query_slots) & self.key_mask[:, None, :end]  # (B, T, S)
-        # ... but a padding token may attend to itself: a row with nothing to attend to gives NaN in older
-        # torch versions, and a NaN value in a padding slot would leak into real rows (0 weight x NaN = NaN)
-        allowed |= slots == query_slots  # (B, T, S)
-        return allowed[:, None]  # (B, 1, T, S)
-
-
-def _conv1d(x: Tensor, layer: torch.nn.Module) -> Tensor:
-    """GPT-2's ``Conv1D`` is a linear layer whose weight is stored (in, out): x @ W + b."""
-    out = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight)  # (B*T, out)
-    return out.view(*x.shape[:-1], -1)  # (B, T, out)

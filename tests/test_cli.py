@@ -123,7 +123,8 @@ def test_top_level_help_shows_no_rst_markup():
     ("cuda:0", "device: expected an available device, got 'cuda:0' (no CUDA device is available)"),
     ("mps", "device: expected an available device, got 'mps' (MPS is not available)"),
 ])
-@pytest.mark.parametrize("command", [["chat", "--question", "hi"], ["pretrain"], ["reinforce"], ["trpo"]])
+@pytest.mark.parametrize("command", [["chat", "--question", "hi"], ["pretrain"], ["reinforce"], ["trpo"], ["grpo"],
+                                     ["dpo"]])
 def test_a_device_that_is_not_here_is_refused_before_any_work(command, device, message, tmp_path, monkeypatch,
                                                              capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -164,13 +165,16 @@ def test_choose_device_names_device():
     (["trpo", "--beta", "-1"], "argument --beta: expected a finite number >= 0, got '-1'"),
     (["trpo", "--updates", "0"], "argument --updates: expected an int >= 1, got '0'"),
     (["trpo", "--delta", "0.01", "--beta", "0.1"], "argument --beta: not allowed with argument --delta"),
+    (["grpo", "--group-size", "0"], "argument --group-size: expected an int >= 1, got '0'"),
+    (["grpo", "--beta", "inf"], "argument --beta: expected a finite number >= 0, got 'inf'"),
+    (["dpo", "--beta", "0"], "argument --beta: expected a finite number > 0, got '0'"),
 ])
 def test_bad_numbers_are_one_line_usage_errors(argv, message, capsys):
     assert _usage_error(argv, capsys) == f"rlmt-edu {argv[0]}: {message}"
 
 
 @pytest.mark.parametrize("command", [["data"], ["pretrain"], ["sft"], ["reward-model"], ["preference-data"],
-                                     ["reinforce"], ["rejection-sampling"], ["trpo"]])
+                                     ["reinforce"], ["rejection-sampling"], ["trpo"], ["grpo"], ["dpo"]])
 def test_an_out_under_a_file_is_refused_before_any_work(command, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     out = tmp_path / "a_file" / "out"
@@ -356,3 +360,31 @@ def test_reward_model_command_saves_a_loadable_checkpoint(tmp_path, capsys):
     assert (plots / "reward_model.png").stat().st_size > 0
     model, _ = load_reward_model(out)
     assert type(model).__name__ == "GPT2RewardModel"  # the default readout
+
+
+def test_grpo_command_prints_metrics_and_saves_plots(tmp_path, capsys):
+    code = main(["grpo", "--steps", "2", "--questions", "2", "--group-size", "2", "--quiet", "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "GRPO (Eq. 13-14), paper normalisation, β = 0" in printed
+    for key in ("sampled reward", "zero-signal groups", "held-out practice/accuracy (before -> after)",
+                "held-out eval/accuracy/math (before -> after)"):
+        assert key in printed, key
+    assert (tmp_path / "grpo_math_practice_paper_beta0.png").stat().st_size > 0
+    assert (tmp_path / "grpo_math_practice_paper_beta0.json").is_file()
+
+
+def test_grpo_command_refuses_a_group_of_one(tmp_path, capsys):
+    message = _error(["grpo", "--group-size", "1", "--quiet", "--out", str(tmp_path)], capsys)
+    assert message.startswith("rlmt-edu grpo: group_size: expected an int >= 2")
+
+
+def test_dpo_command_prints_the_win_rate_and_saves_plots(tmp_path, capsys):
+    code = main(["dpo", "--steps", "2", "--batch-size", "8", "--quiet", "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "DPO (§4.9)" in printed and "3 training pairs with an empty response left out" in printed
+    for key in ("gold win rate vs SFT", "wins / ties / losses", "held-out pairs/gold_accuracy (before -> after)",
+                "held-out eval/gold_score/math (before -> after)"):
+        assert key in printed, key
+    assert (tmp_path / "dpo_beta0.1.png").stat().st_size > 0

@@ -1,6 +1,8 @@
 """The sampler (Figure 1): agrees with ``generate``, its log-probs with a full forward pass, its lean GPT-2
 forward with the ``transformers`` one; seeded, stops at <EOS>, rejects bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,6 +65,30 @@ def test_lean_forward_equals_hf_logits_on_full_left_padded_sequences(model, prom
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=0)
     assert bool(torch.isfinite(ours).all())  # padding rows too: no NaN from all-masked attention
+
+
+def test_the_lean_backend_gives_the_hf_log_probs_and_gradients(model, prompts, tokenizer):
+    """``sequence_logprobs(backend="lean")``: LeanGPT2 without a cache, differentiable, the same numbers."""
+    from rlmt_edu.model import sequence_logprobs
+
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)  # (B, P)
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = {}
+    for backend in ("hf", "lean", "auto"):
+        logp = sequence_logprobs(model, ids, mask, backend=backend)  # (B, P-1)
+        results[backend] = (logp.detach(), torch.autograd.grad(logp.sum(), params))
+    for backend in ("lean", "auto"):
+        torch.testing.assert_close(results[backend][0], results["hf"][0], atol=1e-5, rtol=0)
+        for ours, theirs in zip(results[backend][1], results["hf"][1]):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        sequence_logprobs(model, ids, mask, backend="fast")
+    dropping = build_model(tokenizer, dataclasses.replace(CONFIG, dropout=0.1), seed=0).train()
+    with pytest.raises(ValueError, match="backend: 'lean' needs a plain GPT-2 model without active dropout"):
+        sequence_logprobs(dropping, ids, mask, backend="lean")
+    auto = sequence_logprobs(dropping.eval(), ids, mask, backend="auto")  # eval(): no dropout, lean is allowed
+    torch.testing.assert_close(auto, sequence_logprobs(dropping, ids, mask), atol=1e-5, rtol=0)
 
 
 def test_lean_forward_equals_hf_logits_step_by_step_with_the_cache(model, prompts, tokenizer):

@@ -40,9 +40,8 @@ from rlmt_edu.rl import (
     check_same_vocabulary,
     gold_reward,
     heldout_questions,
-    heldout_scores_by_category,
+    heldout_report,
     prompt_pool,
-    score_responses,
 )
 from rlmt_edu.rollout import Rollout, policy_logprobs
 from rlmt_edu.utils import History, seed_everything
@@ -139,18 +138,6 @@ def ppo_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, response_mask: 
     return loss, metrics
 
 
-def _evaluate(policy, tokenizer, reward_fn: RewardFn, questions: Sequence[Question]) -> dict[str, float]:
-    """Greedy answers to held-out questions: gold per category, and the proxy reward of the same answers."""
-    from rlmt_edu.evaluation import answer
-
-    responses = answer(policy, tokenizer, [q.question for q in questions])
-    scores = heldout_scores_by_category(policy, tokenizer, questions, responses=responses)
-    proxy = score_responses(reward_fn, questions, responses)  # (B,)
-    scores["eval/proxy"] = proxy.mean().item()
-    scores["eval/length"] = sum(len(r.split()) for r in responses) / len(responses)
-    return scores
-
-
 def ppo(
     policy,
     tokenizer,
@@ -226,7 +213,7 @@ def ppo(
         with torch.no_grad():
             start["value/explained_variance"] = explained_variance(critic_values(critic, rollout), rewards, mask)
     if eval_questions:
-        start.update(_evaluate(policy, tokenizer, reward_fn, eval_questions))
+        start.update(heldout_report(policy, tokenizer, reward_fn, eval_questions))
     if len(start) > 1:
         history.append(start)
     bar = tqdm(range(config.iterations), desc=f"ppo (β={config.beta:g}, ε={config.epsilon:g})", disable=not progress)
@@ -270,7 +257,7 @@ def ppo(
                 steps += 1
         row.update({key: value / steps for key, value in sums.items()})
         if eval_questions and ((step + 1) % config.eval_every == 0 or step == config.iterations - 1):
-            row.update(_evaluate(policy, tokenizer, reward_fn, eval_questions))
+            row.update(heldout_report(policy, tokenizer, reward_fn, eval_questions))
         bar.set_postfix(proxy=f"{row['reward/proxy']:.2f}", gold=f"{row['reward/gold']:.2f}", kl=f"{row['kl/sft']:.2f}")
         history.append(row)
     return history
@@ -306,16 +293,9 @@ def plot_ppo(runs: Mapping[str, Sequence[History]], axes=None):
     """Chapter 08's figure: for each configuration (label -> one History per seed), mean and min-max band of
     the proxy reward, the gold score of the same samples, KL to the SFT model and response length per
     iteration. ``axes``: four Axes, or None for a new 1 × 4 figure. Returns the axes."""
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from rlmt_edu.plots import panel_axes, plot_seeds
 
-    from rlmt_edu.plots import plot_seeds
-
-    if axes is None:
-        _, axes = plt.subplots(1, 4, figsize=(18, 3.8), layout="constrained")
-    axes = list(np.asarray(axes).flatten())
-    if len(axes) != 4:
-        raise ValueError(f"axes: expected 4 Axes, got {len(axes)}")
+    axes = panel_axes(axes, 4)
     panels = [("reward/proxy", "proxy reward R (reward model)", "R"),
               ("reward/gold", "gold score of the same samples", "gold"),
               ("kl/sft", "KL(π‖π_SFT) per response (k1, summed)", "nats"),

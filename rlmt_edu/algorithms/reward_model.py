@@ -196,6 +196,14 @@ def encode_texts(tokenizer, questions: Sequence[str], responses: Sequence[str],
     return input_ids, attention_mask
 
 
+def response_token_mask(tokenizer, questions: Sequence[str], attention_mask: Tensor) -> Tensor:
+    """For ``encode_texts``' right-padded rows: 1 on the columns of ``sequence_logprobs`` (shape (B, T - 1),
+    column t scores token t + 1) that score a response token or its <EOS>, 0 on the prompt and the padding."""
+    prompt_length = torch.tensor([len(encode_prompt(tokenizer, q)) for q in questions])  # (B,)
+    columns = torch.arange(attention_mask.shape[1] - 1)[None]  # (1, T-1)
+    return ((columns >= prompt_length[:, None] - 1) & (attention_mask[:, 1:].cpu() == 1)).long()  # (B, T-1)
+
+
 def rewards_of(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """R(text) for a right-padded batch, (B,), by the model's readout (see the module docstring). Gradients flow."""
     device = model.get_input_embeddings().weight.device
@@ -319,9 +327,7 @@ def response_logprob(lm, tokenizer, questions: Sequence[str], responses: Sequenc
         chunk_q, chunk_r = questions[start: start + batch_size], responses[start: start + batch_size]
         ids, mask = encode_texts(tokenizer, chunk_q, chunk_r, context_length(lm))  # (B, T)
         logp = sequence_logprobs(lm, ids, mask).cpu()  # (B, T-1): column t scores token t + 1
-        prompt_length = torch.tensor([len(encode_prompt(tokenizer, q)) for q in chunk_q])  # (B,)
-        columns = torch.arange(logp.shape[1])[None]  # (1, T-1)
-        response_mask = (columns >= prompt_length[:, None] - 1) & (mask[:, 1:] == 1)  # (B, T-1)
+        response_mask = response_token_mask(tokenizer, chunk_q, mask)  # (B, T-1)
         scores.append((logp * response_mask).sum(1) / response_mask.sum(1))
     return torch.cat(scores)  # (B,)
 
