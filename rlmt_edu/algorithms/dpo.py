@@ -191,15 +191,18 @@ def heldout_pair_accuracy(policy, batch: PairBatch, *, beta: float = 1.0) -> dic
     if batch.logp_ref_chosen is not None:
         margin = margin - (batch.logp_ref_chosen - batch.logp_ref_rejected).to(margin.device)
     margin = beta * margin.cpu()
-    agrees, decided = 0, 0
-    for m, pair in zip(margin.tolist(), batch.pairs):
-        gold = getattr(pair, "gold_preference", None)
-        if gold is not None:
-            chosen_is_gold_better = (gold == 1) == (pair.hp == 1)
-            agrees += 0.5 if m == 0 else float((m > 0) == chosen_is_gold_better)  # a tie counts half
-            decided += 1
-    return {"pairs/label_accuracy": float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()),
-            "pairs/gold_accuracy": agrees / decided if decided else float("nan"),
+    golds = [getattr(pair, "gold_preference", None) for pair in batch.pairs]
+    decided = torch.tensor([g is not None for g in golds])  # (B,) pairs gold does not tie
+    # +1 where gold prefers the chosen text, -1 where it prefers the rejected one (0: gold ties, left out)
+    gold_sign = torch.tensor([0.0 if g is None else (1.0 if (g == 1) == (p.hp == 1) else -1.0)
+                              for g, p in zip(golds, batch.pairs)])  # (B,)
+
+    def ranked_as(sign: Tensor, rows: Tensor) -> float:  # share of rows whose margin has ``sign``; a tie counts half
+        agree = (torch.sign(margin[rows]) == sign[rows]).float() + 0.5 * (margin[rows] == 0).float()
+        return float(agree.mean()) if bool(rows.any()) else float("nan")
+
+    return {"pairs/label_accuracy": ranked_as(torch.ones_like(margin), torch.ones_like(decided)),
+            "pairs/gold_accuracy": ranked_as(gold_sign, decided),
             "pairs/logp_chosen": logp_chosen.mean().item(), "pairs/logp_rejected": logp_rejected.mean().item()}
 
 
