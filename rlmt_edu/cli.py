@@ -338,6 +338,83 @@ def cmd_grpo(args) -> int:
     return 0
 
 
+def cmd_grape(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlmt_edu import plots
+    from rlmt_edu.algorithms.grape import (
+        GRAPEConfig,
+        confidence_table_from_history,
+        grape,
+        plot_confidence_table,
+        plot_grape_runs,
+        prompt_sft,
+        reward_model_judge,
+    )
+    from rlmt_edu.algorithms.reward_model import load_reward_model, reward_model_reward
+    from rlmt_edu.model import load_checkpoint
+    from rlmt_edu.utils import choose_device
+    from rlmt_edu.world.data import load_questions
+    from rlmt_edu.world.rubrics import POOR_ITEM, NoisyJudge, world_rubrics
+
+    device = choose_device(args.device)
+    policy, tokenizer = load_checkpoint(args.init, device=device, argument="init")
+    reward_model, _ = load_reward_model(args.reward_model, device=device)
+    config = _replace(GRAPEConfig(learning_rate=1e-4), steps=args.steps, questions_per_step=args.questions,
+                      group_size=args.group_size, revision_probability=args.revision_probability,
+                      loss=args.loss, sft_in_group=True if args.sft_in_group else None,
+                      use_confidence=False if args.no_confidence else None, epsilon=args.epsilon,
+                      learning_rate=args.lr, seed=args.seed)
+    rubrics = world_rubrics(reward_model_judge(reward_model, tokenizer, policy), seed=config.seed)
+    if args.miscalibrated:
+        category, item = POOR_ITEM
+        rubrics[category] = rubrics[category].with_judge(item, NoisyJudge("concise", 0.6, seed=config.seed,
+                                                                          stated_confidence=1.0))
+    if not args.no_warmup:
+        prompt_sft(policy, tokenizer, rubrics, load_questions("train"), progress=not args.quiet)
+    history = grape(policy, tokenizer, rubrics, config, proxy_fn=reward_model_reward(reward_model, tokenizer),
+                    progress=not args.quiet)
+    name = f"grape_{config.loss}_p{config.revision_probability:g}" + ("_miscalibrated" if args.miscalibrated else "")
+    out = Path(args.out)
+    history.to_json(out / f"{name}.json")
+    fig, axes = plt.subplots(1, 5, figsize=(22, 3.8), layout="constrained")
+    plot_grape_runs({name: [history]}, axes=axes[:4])
+    table = confidence_table_from_history(history)
+    plot_confidence_table(table, ax=axes[4])
+    plots.save_figure(fig, out / f"{name}.png")
+    plt.close(fig)
+
+    steps = [row for row in history if row["step"] >= 0]
+    window = max(1, min(5, len(steps) // 2))
+    first_last = functools.partial(_first_last, steps, window)
+    start, end = history[0], history[-1]
+    metrics = {"Q x G": f"{config.questions_per_step} x {config.group_size}", "steps": len(steps),
+               "loss": config.loss, f"R, Eq. 15 (first {window} -> last {window})": first_last("grape/R"),
+               "revision share of responses": f"{sum(r['grape/revision_share'] for r in steps) / len(steps):.3f}"}
+    for category in ("math", "facts", "safety"):
+        drawn = [row for row in steps if f"grape/R/{category}" in row]  # steps whose batch had this category
+        if drawn:
+            share = max(1, min(window, len(drawn) // 2))
+            metrics[f"{category}: R (first {share} -> last {share} steps with it)"] = \
+                _first_last(drawn, share, f"grape/R/{category}")
+        for mode, prefix in (("system prompt", "eval"), ("plain prompt", "plain")):
+            key = f"{prefix}/gold_score/{category}"
+            metrics[f"{category}: held-out gold, {mode} (before -> after)"] = f"{start[key]:.3f} -> {end[key]:.3f}"
+    for prefix in ("eval", "plain"):
+        metrics[f"held-out reward-model score, {prefix} (before -> after)"] = \
+            f"{start[prefix + '/proxy']:.3f} -> {end[prefix + '/proxy']:.3f}"
+        metrics[f"held-out length in words, {prefix} (before -> after)"] = \
+            f"{start[prefix + '/length']:.2f} -> {end[prefix + '/length']:.2f}"
+    for row in table:
+        flag = "  REVIEW" if row["review"] else ""
+        metrics[f"phi-bar {row['category']}/{row['item']}"] = f"{row['phi_bar']:.3f}{flag}"
+    _print_table(f"GRAPE (Eq. 15-16, {config.loss}); plots in {out}", metrics)
+    return 0
+
+
 def cmd_dpo(args) -> int:
     import matplotlib
 
@@ -516,6 +593,7 @@ def _checked(convert, ok, expected: str):
 POSITIVE_INT = _checked(int, lambda v: v >= 1, "an int >= 1")
 NON_NEGATIVE_INT = _checked(int, lambda v: v >= 0, "an int >= 0")
 POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+PROBABILITY = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 POSITIVE_OR_INF = _checked(float, lambda v: v > 0 and not math.isnan(v), "a number > 0 (inf: no clipping)")
 
@@ -645,6 +723,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=POSITIVE, default=None, help="learning rate (default: 3e-5)")
     _add_run_options(p, "grpo")
     p.set_defaults(func=cmd_grpo)
+
+    p = sub.add_parser("grape", help="GRAPE: rubric judges, confidence-weighted rewards, GRPO's update (chapter 11)")
+    p.add_argument("--init", default=str(SFT), help="checkpoint to start from (default: data/checkpoints/sft)")
+    p.add_argument("--reward-model", default=str(REWARD_MODEL),
+                   help="the human-preference item's judge (default: data/checkpoints/reward_model)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="GRAPE steps (default: 30)")
+    p.add_argument("--questions", type=POSITIVE_INT, default=None, help="Q, questions per step (default: 8)")
+    p.add_argument("--group-size", type=POSITIVE_INT, default=None, help="G, responses per question (default: 8)")
+    p.add_argument("--revision-probability", type=PROBABILITY, default=None,
+                   help="p, the chance a response is a revision of one of its group (default: 0.25)")
+    p.add_argument("--loss", choices=("eq14", "eq17"), default=None,
+                   help="eq14: GRPO's token-level clip (default); eq17: the sequence-level Alt. GRAPE loss")
+    p.add_argument("--sft-in-group", action="store_true", help="one of the G responses is the SFT answer")
+    p.add_argument("--no-confidence", action="store_true", help="φ̄ = 1 everywhere: R = Σ ω τ")
+    p.add_argument("--miscalibrated", action="store_true",
+                   help="the poor facts judge states confidence 1 (confident and wrong)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the system-prompt SFT warm-up (only for a checkpoint that already had it)")
+    p.add_argument("--epsilon", type=POSITIVE_OR_INF, default=None, help="ε of the clip (default: 0.2)")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="learning rate (default: 1e-4)")
+    _add_run_options(p, "grape")
+    p.set_defaults(func=cmd_grape)
 
     p = sub.add_parser("dpo", help="DPO (or the naive preference loss) on the preference pairs (chapter 10)")
     p.add_argument("--init", default=str(SFT), help="checkpoint to start from and the frozen reference π0 "

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from rlmt_edu.rollout import sample
-from rlmt_edu.tokenizer import encode_prompt
+from rlmt_edu.tokenizer import encode_prompt, format_prompt
 from rlmt_edu.world.grading import grade, summarize
 from rlmt_edu.world.tasks import Question
 
@@ -26,13 +26,19 @@ def answer(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     batch_size: int = 128,
+    systems: Sequence[str | None] | None = None,
 ) -> list[str]:
-    """The model's answers to chat ``questions`` (``<USER> q <MODEL>`` … up to <EOS>), as text."""
+    """The model's answers to chat ``questions`` (``<USER> q <MODEL>`` … up to <EOS>), as text. ``systems``:
+    one system prompt (or None) per question, put before it as ``<SYSTEM> ...`` (chapter 11)."""
     if isinstance(questions, str):
         raise ValueError("questions: expected a list of strings, got a single string")
+    if systems is not None and len(systems) != len(questions):
+        raise ValueError(f"systems: expected one system prompt (or None) per question ({len(questions)}), "
+                         f"got {len(systems)}")
+    texts = [format_prompt(q, system=None if systems is None else systems[i]) for i, q in enumerate(questions)]
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
-        prompts = [encode_prompt(tokenizer, q) for q in questions[start : start + batch_size]]
+        prompts = [encode_prompt(tokenizer, text, formatted=True) for text in texts[start : start + batch_size]]
         rollout = sample(
             model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
             generator=generator, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,

@@ -111,6 +111,54 @@ def policy_logprobs(model: PreTrainedModel, rollout: Rollout, *, temperature: fl
     return torch.where(rollout.response_mask.to(logp.device) != 0, logp, torch.zeros_like(logp))  # (B, N)
 
 
+def merge_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """Stack rollouts whose prompts and responses differ in length into one: prompts re-padded on the LEFT to
+    the longest P, responses on the RIGHT to the longest N (rows in the order given). Chapter 11 joins its
+    system-mode samples, its revision-mode samples and SFT answers this way into one group batch."""
+    if len(rollouts) == 0 or not all(isinstance(r, Rollout) for r in rollouts):
+        raise ValueError(f"rollouts: expected a non-empty list of Rollout, got {rollouts!r:.60}")
+    if len({r.temperature for r in rollouts}) != 1:
+        raise ValueError(f"rollouts: expected one sampling temperature, got {sorted({r.temperature for r in rollouts})}")
+    longest_prompt = max(r.prompt_ids.shape[1] for r in rollouts)
+    longest_response = max(r.response_ids.shape[1] for r in rollouts)
+
+    def pad(x: Tensor, width: int, value: float, left: bool) -> Tensor:
+        extra = width - x.shape[1]
+        return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+    return Rollout(
+        torch.cat([pad(r.prompt_ids, longest_prompt, pad_id, True) for r in rollouts]),
+        torch.cat([pad(r.prompt_mask, longest_prompt, 0, True) for r in rollouts]),
+        torch.cat([pad(r.response_ids, longest_response, pad_id, False) for r in rollouts]),
+        torch.cat([pad(r.response_mask, longest_response, 0, False) for r in rollouts]),
+        torch.cat([pad(r.logp, longest_response, 0.0, False) for r in rollouts]),
+        rollouts[0].temperature,
+    )
+
+
+@torch.no_grad()
+def forced_rollout(model: PreTrainedModel, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+                   pad_id: int, temperature: float = 1.0) -> Rollout:
+    """A Rollout of GIVEN responses (token ids, <EOS> included) after ``prompts``, as if ``model`` had sampled
+    them: ``logp`` is their log-probability under ``model`` (teacher forcing). Chapter 11 puts SFT answers into
+    a group this way (§6.1 "Use of SFT data")."""
+    if len(prompts) == 0 or len(prompts) != len(responses) or any(len(r) == 0 for r in responses):
+        raise ValueError(f"responses: expected one non-empty token list per prompt ({len(prompts)}), "
+                         f"got {len(responses)}")
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P)
+    longest = max(len(r) for r in responses)
+    response_ids = torch.full((len(responses), longest), pad_id, dtype=torch.long, device=device)  # (B, N)
+    response_mask = torch.zeros_like(response_ids)  # (B, N)
+    for row, ids in enumerate(responses):
+        response_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        response_mask[row, : len(ids)] = 1
+    rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask,
+                      torch.zeros(response_ids.shape, device=device), temperature)
+    rollout.logp = policy_logprobs(model, rollout, temperature=temperature)  # (B, N)
+    return rollout
+
+
 def policy_logits(model: PreTrainedModel, rollout: Rollout, *, temperature: float = 1.0) -> Tensor:
     """The whole next-token distribution π(· | s_t) at every response position of ``rollout``, as logits:
     (B, N, V), from one forward pass.

@@ -60,9 +60,23 @@ def check_known_special_tokens(text: str, argument: str = "text") -> None:
             )
 
 
-def format_prompt(question: str) -> str:
-    """``<USER> question <MODEL>``: what the model sees before it answers."""
-    return f"{USER} {question.strip()} {MODEL}"
+def format_prompt(question: str, *, system: str | None = None) -> str:
+    """``<USER> question <MODEL>``: what the model sees before it answers. With ``system`` (chapter 11's
+    system prompt of a category, §6.1 item 1) the prompt starts ``<SYSTEM> system``."""
+    prompt = f"{USER} {question.strip()} {MODEL}"
+    return prompt if system is None else f"{SYSTEM} {system.strip()} {prompt}"
+
+
+def format_revision_prompt(system: str, question: str, previous: str, critique: str) -> str:
+    """Chapter 11's revision prompt (§6.1 item 2): the question, a previous response and a critique of it, after
+    which the model writes an improved response:
+    ``<SYSTEM> system <USER> question <MODEL> previous <CRITIQUE> critique <MODEL>``."""
+    for argument, text in (("system", system), ("question", question), ("previous", previous),
+                           ("critique", critique)):
+        if not isinstance(text, str) or (argument != "previous" and not text.strip()):
+            raise ValueError(f"{argument}: expected a non-empty string, got {text!r}")
+        check_known_special_tokens(text, argument)
+    return f"{format_prompt(question, system=system)} {previous.strip()} {CRITIQUE} {critique.strip()} {MODEL}"
 
 
 def format_chat(question: str, answer: str) -> str:
@@ -70,17 +84,24 @@ def format_chat(question: str, answer: str) -> str:
     return f"{format_prompt(question)} {answer.strip()} {EOS}"
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerFast, question: str) -> list[int]:
-    """Token ids of ``<USER> question <MODEL>``."""
+def encode_prompt(tokenizer: PreTrainedTokenizerFast, question: str, *, formatted: bool = False) -> list[int]:
+    """Token ids of ``<USER> question <MODEL>``; with ``formatted=True``, ``question`` is already a whole prompt
+    ending in ``<MODEL>`` (e.g. from ``format_prompt(q, system=...)`` or ``format_revision_prompt``)."""
     _check_text("question", question)
-    return tokenizer.encode(format_prompt(question), add_special_tokens=False)
+    if not formatted:
+        return tokenizer.encode(format_prompt(question), add_special_tokens=False)
+    if not question.rstrip().endswith(MODEL):
+        raise ValueError(f"question: expected a formatted prompt ending in {MODEL}, got {question[-40:]!r}")
+    return tokenizer.encode(question, add_special_tokens=False)
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerFast, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """Ids of ``<USER> question <MODEL> answer <EOS>`` and its response mask (1 on answer tokens and <EOS>)."""
+def encode_chat(tokenizer: PreTrainedTokenizerFast, question: str, answer: str, *,
+                formatted: bool = False) -> tuple[list[int], list[int]]:
+    """Ids of ``<USER> question <MODEL> answer <EOS>`` and its response mask (1 on answer tokens and <EOS>).
+    ``formatted``: ``question`` is a whole prompt, as in ``encode_prompt``."""
     _check_text("question", question)
     _check_text("answer", answer)
-    prompt = encode_prompt(tokenizer, question)
+    prompt = encode_prompt(tokenizer, question, formatted=formatted)
     response = tokenizer.encode(f"{answer.strip()} {EOS}", add_special_tokens=False)
     return prompt + response, [0] * len(prompt) + [1] * len(response)
 
@@ -89,15 +110,18 @@ def batch_encode_chat(
     tokenizer: PreTrainedTokenizerFast,
     pairs: Sequence[tuple[str, str]],
     max_length: int | None = None,
+    *,
+    formatted: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch of chat examples.
 
     Returns ``input_ids``, ``attention_mask`` and ``response_mask``, each of shape (B, T) where T is the longest
     example. ``max_length`` (e.g. the model's context) rejects longer examples instead of cutting them.
+    ``formatted``: each pair's first element is a whole prompt (see ``encode_prompt``).
     """
     if len(pairs) == 0:
         raise ValueError("pairs: expected at least one (question, answer) pair, got none")
-    encoded = [encode_chat(tokenizer, q, a) for q, a in pairs]
+    encoded = [encode_chat(tokenizer, q, a, formatted=formatted) for q, a in pairs]
     longest = max(len(ids) for ids, _ in encoded)
     if max_length is not None and longest > max_length:
         raise ValueError(f"pairs: expected examples of at most {max_length} tokens, got one of {longest}")

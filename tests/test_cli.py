@@ -124,7 +124,7 @@ def test_top_level_help_shows_no_rst_markup():
     ("mps", "device: expected an available device, got 'mps' (MPS is not available)"),
 ])
 @pytest.mark.parametrize("command", [["chat", "--question", "hi"], ["pretrain"], ["reinforce"], ["trpo"], ["grpo"],
-                                     ["dpo"]])
+                                     ["dpo"], ["grape"]])
 def test_a_device_that_is_not_here_is_refused_before_any_work(command, device, message, tmp_path, monkeypatch,
                                                              capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -168,13 +168,14 @@ def test_choose_device_names_device():
     (["grpo", "--group-size", "0"], "argument --group-size: expected an int >= 1, got '0'"),
     (["grpo", "--beta", "inf"], "argument --beta: expected a finite number >= 0, got 'inf'"),
     (["dpo", "--beta", "0"], "argument --beta: expected a finite number > 0, got '0'"),
+    (["grape", "--revision-probability", "1.5"], "argument --revision-probability: expected a number in [0, 1], got '1.5'"),
 ])
 def test_bad_numbers_are_one_line_usage_errors(argv, message, capsys):
     assert _usage_error(argv, capsys) == f"rlmt-edu {argv[0]}: {message}"
 
 
 @pytest.mark.parametrize("command", [["data"], ["pretrain"], ["sft"], ["reward-model"], ["preference-data"],
-                                     ["reinforce"], ["rejection-sampling"], ["trpo"], ["grpo"], ["dpo"]])
+                                     ["reinforce"], ["rejection-sampling"], ["trpo"], ["grpo"], ["dpo"], ["grape"]])
 def test_an_out_under_a_file_is_refused_before_any_work(command, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     out = tmp_path / "a_file" / "out"
@@ -377,6 +378,23 @@ def test_grpo_command_prints_metrics_and_saves_plots(tmp_path, capsys):
 def test_grpo_command_refuses_a_group_of_one(tmp_path, capsys):
     message = _error(["grpo", "--group-size", "1", "--quiet", "--out", str(tmp_path)], capsys)
     assert message.startswith("rlmt-edu grpo: group_size: expected an int >= 2")
+
+
+def test_grape_command_prints_per_category_metrics_and_the_confidence_table(tmp_path, capsys):
+    code = main(["grape", "--steps", "2", "--questions", "3", "--group-size", "3", "--no-warmup", "--quiet",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "GRAPE (Eq. 15-16, eq14)" in printed
+    for key in ("math: held-out gold, system prompt (before -> after)", "safety: held-out gold, plain prompt",
+                "held-out reward-model score, plain", "phi-bar facts/natural_wording", "REVIEW"):
+        assert key in printed, key
+    assert (tmp_path / "grape_eq14_p0.25.png").stat().st_size > 0 and (tmp_path / "grape_eq14_p0.25.json").is_file()
+
+
+def test_grape_command_refuses_a_group_too_small_for_the_sft_answer(tmp_path, capsys):
+    message = _error(["grape", "--group-size", "2", "--sft-in-group", "--quiet", "--out", str(tmp_path)], capsys)
+    assert message.startswith("rlmt-edu grape: group_size: expected >= 3 with sft_in_group")
 
 
 def test_dpo_command_prints_the_win_rate_and_saves_plots(tmp_path, capsys):

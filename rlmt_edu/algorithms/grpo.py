@@ -136,11 +136,15 @@ def zero_signal_share(rewards: Tensor) -> float:
 
 
 def grpo_step(policy, optimizer: torch.optim.Optimizer, draw: BatchDrawer, config: GRPOConfig, *,
-              reference=None) -> dict[str, float]:
+              reference=None, loss_fn=None) -> dict[str, float]:
     """One GRPO step (the module docstring's 1–4): sample Q × G from the latest policy, Eq. 13, then
     ``config.updates_per_batch`` gradient steps of Eq. 14 (plus β·KL when ``config.beta`` > 0). ``draw`` is a
-    ``rl.BatchDrawer`` over ``policy`` with ``batch_size = Q`` and ``group_size = G``; ``reference`` is the frozen
-    SFT model (needed when β > 0; when given, the KL to it is logged). Returns the step's metrics."""
+    ``rl.BatchDrawer`` over ``policy`` with ``batch_size = Q`` and ``group_size = G`` (or any callable with those
+    two attributes that returns the same four things, e.g. chapter 11's GRAPE drawer); ``reference`` is the frozen
+    SFT model (needed when β > 0; when given, the KL to it is logged). ``loss_fn(logp, logp_old, advantages,
+    mask)`` (shapes (Q, G, N), (Q, G, N), (Q, G), (Q, G, N)) replaces Eq. 14, e.g. by GRAPE's Eq. 17; it returns
+    ``(loss, metrics)`` with ``grpo/clip_fraction``, ``grpo/ratio_min`` and ``grpo/ratio_max``. Returns the
+    step's metrics."""
     num_questions, group_size = config.questions_per_step, config.group_size
     if draw.batch_size != num_questions or draw.group_size != group_size:
         raise ValueError(f"draw: expected a BatchDrawer of Q = {num_questions} questions × G = {group_size} "
@@ -179,8 +183,11 @@ def grpo_step(policy, optimizer: torch.optim.Optimizer, draw: BatchDrawer, confi
             # on-policy: π0 is the policy as it is now, so the ratio is exactly 1 on this first update
             logp_old = logp.detach()
             row["sampler/logp_gap"] = (logp_old - rollout.logp.to(device).view_as(logp_old)).abs().max().item()
-        loss, metrics = grpo_loss(logp, logp_old, advantages, mask, epsilon=config.epsilon,
-                                  normalization=config.normalization)  # Eq. 14
+        if loss_fn is None:
+            loss, metrics = grpo_loss(logp, logp_old, advantages, mask, epsilon=config.epsilon,
+                                      normalization=config.normalization)  # Eq. 14
+        else:
+            loss, metrics = loss_fn(logp, logp_old, advantages, mask)
         if config.beta > 0:
             kl = grpo_kl_term(logp, logp_old, logp_ref, mask, estimator=config.kl_estimator,
                               normalization=config.normalization)

@@ -49,17 +49,19 @@ def sft(
     *,
     evaluate: Callable[[object], dict] | None = None,
     progress: bool = True,
+    formatted: bool = False,
 ) -> History:
     """Fine-tune ``model`` in place on (question, answer) ``pairs`` with the SFT loss of Eq. (2).
 
     ``evaluate(model)`` (optional) returns a dict of metrics, logged every ``eval_every`` steps and at the end.
-    The history logs ``loss/sft`` (Eq. 2) and ``loss/nll_per_token`` every step.
+    The history logs ``loss/sft`` (Eq. 2) and ``loss/nll_per_token`` every step. ``formatted``: each pair's
+    question is a whole prompt (e.g. with chapter 11's system prompt; see ``tokenizer.encode_prompt``).
     """
     if len(pairs) == 0:
         raise ValueError("pairs: expected at least one (question, answer) pair, got none")
     device = next(model.parameters()).device
     context = model.config.n_positions
-    encoded = batch_encode_chat(tokenizer, list(pairs), max_length=context)  # (N, T) each
+    encoded = batch_encode_chat(tokenizer, list(pairs), max_length=context, formatted=formatted)  # (N, T) each
     generator = seed_everything(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
