@@ -570,6 +570,39 @@ def cmd_rejection_sampling(args) -> int:
     return 0
 
 
+def cmd_book(args) -> int:
+    try:
+        import nbclient  # noqa: F401
+        import nbconvert  # noqa: F401
+    except ImportError as error:
+        raise ValueError(f"the book runs the notebooks with nbclient and nbconvert ({error.name} is missing): "
+                         "pip install -e '.[notebooks]'") from None
+    from rlmt_edu.book import ChapterFailed, list_chapters, run_book, select_chapters
+    from rlmt_edu.results import load_results, results_markdown, results_table
+
+    every = list_chapters()
+    chapters = select_chapters(args.chapters, every)
+    command = "rlmt-edu book" + (f" --chapters {args.chapters}" if args.chapters else "") + \
+        (f" --device {args.device}" if args.device else "")
+    out = Path(args.out)
+    try:
+        runs = run_book(chapters, out=out, device=args.device, timeout=args.timeout, progress=not args.quiet,
+                        command=command, all_chapters=every)
+    except ChapterFailed as error:
+        raise ValueError(f"{error} (the pages of the chapters before it are in {out / 'index.html'}; "
+                         f"the notebook as far as it ran: {out / 'notebooks' / (error.chapter.name + '.failed.ipynb')})"
+                         ) from None
+    metrics = {run.chapter.name: f"{run.wall_s:.1f} s" + ("" if run.peak_mb is None else f", peak {run.peak_mb:.0f} MB")
+               for run in runs}
+    metrics["total"] = f"{sum(run.wall_s for run in runs):.1f} s"
+    _print_table(f"the book, {len(runs)} chapters; open {out / 'index.html'}", metrics)
+    table = results_table(load_results(out / "results"))
+    if table:
+        print()
+        print(results_markdown(table), end="")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line, ``rlmt-edu <command>: <message>``, like the commands' own."""
 
@@ -806,6 +839,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for plots and histories (default: runs/rejection_sampling)")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_rejection_sampling)
+
+    p = sub.add_parser("book", help="run every chapter notebook in order and write a static HTML book with the "
+                                    "results table of every method (runs/book/index.html)")
+    p.add_argument("--chapters", default=None,
+                   help="which chapters: 06-09, 3,7 or 00-02,11 (default: all)")
+    p.add_argument("--device", default=None, help="the device every notebook trains on: " + DEVICE_HELP)
+    p.add_argument("--out", default=str(RUNS / "book"), help="folder for the book (default: runs/book)")
+    p.add_argument("--timeout", type=POSITIVE_INT, default=1200, help="seconds one cell may run (default: 1200)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    p.set_defaults(func=cmd_book)
 
     p = sub.add_parser("chat", help="ask a checkpoint questions: --question, else one per line of stdin")
     p.add_argument("--checkpoint", default=str(SFT), help="language-model checkpoint (default: data/checkpoints/sft)")

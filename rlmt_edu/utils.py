@@ -27,14 +27,20 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+DEVICE_ENV = "RLMT_EDU_DEVICE"  #: a device for every ``choose_device()`` without one (``rlmt-edu book --device``)
+
+
 def choose_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to train on, chosen once: ``device`` if given, else cuda, then mps, then cpu.
+    """The device to train on, chosen once: ``device`` if given, else ``$RLMT_EDU_DEVICE`` if set, else cuda,
+    then mps, then cpu.
 
     A named device must exist here: ``"cuda"`` without a usable GPU (or ``"mps"`` off Apple silicon) raises a
     ``ValueError`` naming ``device`` at once, instead of an error deep inside the first ``.to(device)``.
     """
     if isinstance(device, torch.device):
         device = str(device)
+    if device is None:
+        device = os.environ.get(DEVICE_ENV) or None
     if device is not None:
         if device not in ("cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")

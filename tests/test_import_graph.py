@@ -24,6 +24,7 @@ LAYERS = {
     "rlmt_edu.algorithms": 6,
     "rlmt_edu.chapters": 7,
     "rlmt_edu.equations": 7,
+    "rlmt_edu.results": 7,
     "rlmt_edu.integrations": 7,
     "rlmt_edu.widgets": 7,
     "rlmt_edu.cli": 8,

@@ -161,6 +161,17 @@ def grape_rewards(judged: JudgedBatch, *, use_confidence: bool = True) -> tuple[
     return grape_reward(judged.scores, mean_confidence, judged.weights, judged.item_mask), mean_confidence
 
 
+def rubric_reward(rubrics: Mapping[str, Rubric], *, use_confidence: bool = True):
+    """Eq. 15 as a reward function ``(questions, responses) -> R (B,)``: every response judged by its category's
+    rubric (``judge_responses``), φ̄ taken over the responses of this call (``grape_rewards``). What the book's
+    results table measures GRAPE by, and what TRL receives as a ``reward_funcs`` entry
+    (``rlmt_edu.integrations.trl``)."""
+    def reward(questions: Sequence[Question], responses: Sequence[str]) -> Tensor:
+        return grape_rewards(judge_responses(rubrics, questions, responses), use_confidence=use_confidence)[0]
+
+    return reward
+
+
 def confidence_table(judged: JudgedBatch, *, threshold: float = REVIEW_THRESHOLD) -> list[dict]:
     """§6.1.1's diagnostic: per rubric item, φ̄ over its category (and the mean score τ), lowest φ̄ first,
     ``review`` True where φ̄ < ``threshold``: the items to read by hand."""
@@ -568,6 +579,6 @@ __all__ = [
     "GRAPEConfig", "GrapeDrawer", "JudgedBatch", "PROMPT_SFT_CONFIG", "check_rubrics", "confidence_table",
     "confidence_table_from_history",
     "critique_of", "effective_weights", "reward_model_judge", "eq17_loss", "grape", "grape_rewards", "judge_responses",
-    "plot_confidence_table", "plot_grape_runs", "prompt_sft", "prompt_sft_pairs", "rubric_variances",
+    "plot_confidence_table", "plot_grape_runs", "prompt_sft", "prompt_sft_pairs", "rubric_reward", "rubric_variances",
     "simulated_rubric_variances",
 ]
