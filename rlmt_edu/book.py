@@ -250,17 +250,21 @@ def chapter_page(notebook, chapter: Chapter, chapters: Sequence[Chapter]) -> str
 
 
 def index_page(runs: Sequence[ChapterRun], table: Sequence[dict], *, failed: ChapterFailed | None,
-               command: str, stale: Sequence[str]) -> str:
-    """The book's first page: the chapters run (wall time, peak memory) and the results table."""
-    rows = "".join(
-        f'<tr><td>{run.chapter.number}</td><td><a href="{run.chapter.name}.html">{escape(run.chapter.title)}</a>'
-        f"</td><td>{run.wall_s:.1f}</td><td>{'—' if run.peak_mb is None else f'{run.peak_mb:.0f}'}</td></tr>"
-        for run in runs)
+               command: str, stale: Sequence[str], earlier: Sequence[ChapterRun] = ()) -> str:
+    """The book's first page: the chapters run (wall time, peak memory), those kept from an earlier run
+    (``earlier``, marked), and the results table."""
+    def row(run: ChapterRun, mark: str) -> str:
+        peak = "—" if run.peak_mb is None else f"{run.peak_mb:.0f}"
+        return (f'<tr><td>{run.chapter.number}</td><td><a href="{run.chapter.name}.html">'
+                f"{escape(run.chapter.title)}</a>{mark}</td><td>{run.wall_s:.1f}</td><td>{peak}</td></tr>")
+
+    listed = sorted([(r, "") for r in runs] + [(r, " (earlier run)") for r in earlier], key=lambda x: x[0].chapter.name)
+    rows = "".join(row(run, mark) for run, mark in listed)
     total = sum(run.wall_s for run in runs)
     body = [f"<h1>rlmt_edu: the book</h1><p>Made by <code>{escape(command)}</code>.</p>",
             "<h2>Chapters</h2><table><thead><tr><th>#</th><th>chapter</th><th>wall time (s)</th>"
             f"<th>peak memory (MB)</th></tr></thead><tbody>{rows}</tbody></table>"
-            f"<p>{len(runs)} chapters in {total:.0f} s.</p>"]
+            f"<p>{len(runs)} chapters run this time, in {total:.0f} s.</p>"]
     if failed is not None:
         body.append(f'<p class="failed">Stopped: {escape(str(failed))}</p>')
     body.append("<h2>Results</h2><p>Every method of the book, measured the same way: greedy answers to every "
@@ -325,10 +329,23 @@ def run_book(chapters: Sequence[Chapter] | None = None, *, out: str | Path = BOO
         stale = sorted({row["label"] for row in table if row["chapter"] not in numbers})
         atomic_write_text(out / "results.json", json.dumps({"rows": rows, "table": table}, indent=1))
         atomic_write_text(out / "results.md", results_markdown(table))
+        earlier = [r for r in _earlier_runs(out / "chapters.json", all_chapters)
+                   if r.chapter.number not in numbers and (out / f"{r.chapter.name}.html").exists()]
         atomic_write_text(out / "chapters.json", json.dumps(
-            [{"chapter": r.chapter.name, "wall_s": round(r.wall_s, 1), "peak_mb": r.peak_mb} for r in runs], indent=1))
-        atomic_write_text(out / "index.html", index_page(runs, table, failed=failed, command=command, stale=stale))
+            [{"chapter": r.chapter.name, "wall_s": round(r.wall_s, 1), "peak_mb": r.peak_mb}
+             for r in sorted([*runs, *earlier], key=lambda r: r.chapter.name)], indent=1))
+        atomic_write_text(out / "index.html", index_page(runs, table, failed=failed, command=command, stale=stale,
+                                                         earlier=earlier))
     return runs
+
+
+def _earlier_runs(path: Path, chapters: Sequence[Chapter]) -> list[ChapterRun]:
+    """The chapter runs recorded in a book's ``chapters.json`` by an earlier ``run_book`` (none if absent)."""
+    if not path.exists():
+        return []
+    by_name = {c.name: c for c in chapters}
+    return [ChapterRun(by_name[e["chapter"]], e["wall_s"], e["peak_mb"]) for e in json.loads(path.read_text())
+            if e.get("chapter") in by_name]
 
 
 def _write_notebook(notebook, path: Path) -> None:

@@ -87,6 +87,10 @@ def test_the_book_runs_chapters_writes_pages_and_names_a_failed_chapter_with_its
     assert json.loads((out / "chapters.json").read_text())[0]["chapter"] == "00_first"
     assert (out / "logs" / "00_first.log").exists()  # the kernel's own chatter, kept off the progress bar
 
+    book.run_book(chapters[1:2], out=out, progress=False, all_chapters=chapters)  # one chapter again
+    assert [e["chapter"] for e in json.loads((out / "chapters.json").read_text())] == ["00_first", "01_second"]
+    assert "00_first.html\">Chapter 00_first</a> (earlier run)" in (out / "index.html").read_text()
+
     with pytest.raises(book.ChapterFailed) as failure:
         book.run_book(chapters, out=out, progress=False, all_chapters=chapters)
     assert failure.value.chapter.name == "02_broken" and failure.value.cell == 2
