@@ -135,20 +135,19 @@ def check_writable(out: str | Path) -> Path:
 @contextlib.contextmanager
 def _kernel_environment(**values: str | None) -> Iterator[None]:
     """Set environment variables for the kernels started inside the block (a kernel inherits them)."""
+    def apply(settings: dict) -> None:
+        for key, value in settings.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
     saved = {key: os.environ.get(key) for key in values}
     try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        apply(values)
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        apply(saved)
 
 
 def _error_text(outputs) -> str:

@@ -52,24 +52,16 @@ def measure_method(policy, tokenizer, *, reference, proxy_fn=None, system_prompt
     ``system_prompts`` (category -> text) puts a system prompt before each question, GRAPE's generation mode.
     ``questions`` defaults to every held-out question of the world.
     """
-    from rlmt_edu.evaluation import answer
-    from rlmt_edu.rl import drift_from_reference, heldout_questions, heldout_scores_by_category, score_responses
+    from rlmt_edu.rl import drift_from_reference, heldout_questions, heldout_report
 
     questions = heldout_questions() if questions is None else list(questions)
-    systems = None
-    if system_prompts is not None:
-        missing = sorted({q.category for q in questions} - set(system_prompts))
-        if missing:
-            raise ValueError(f"system_prompts: expected a system prompt for every category, got none for {missing}")
-        systems = [system_prompts[q.category] for q in questions]
-    responses = answer(policy, tokenizer, [q.question for q in questions], systems=systems)
-    scores = heldout_scores_by_category(policy, tokenizer, questions, responses=responses)
+    scores = heldout_report(policy, tokenizer, proxy_fn, questions, system_prompts=system_prompts)
     row: dict[str, float | None] = {"gold": scores["eval/gold_score"]}
     for category in CATEGORIES:
         row[f"gold/{category}"] = scores.get(f"eval/gold_score/{category}")
-    row["proxy"] = None if proxy_fn is None else score_responses(proxy_fn, questions, responses).mean().item()
+    row["proxy"] = scores.get("eval/proxy")
     row["kl_to_sft"] = drift_from_reference(policy, reference, tokenizer, questions)["drift/kl"]
-    row["length"] = sum(len(r.split()) for r in responses) / len(responses)
+    row["length"] = scores["eval/length"]
     return row
 
 

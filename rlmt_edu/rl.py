@@ -165,12 +165,13 @@ def heldout_scores_by_category(
     return scores
 
 
-def heldout_report(policy, tokenizer, reward_fn: RewardFn, questions: Sequence[Question], *,
+def heldout_report(policy, tokenizer, reward_fn: RewardFn | None, questions: Sequence[Question], *,
                    system_prompts: Mapping[str, str] | None = None) -> dict[str, float]:
     """Greedy answers to held-out ``questions``: ``heldout_scores_by_category`` (gold and accuracy, overall and
-    per category), the proxy reward ``reward_fn`` gives the same answers (``eval/proxy``) and their mean length
-    in words (``eval/length``). Every RL procedure evaluates with it, so their numbers compare.
-    ``system_prompts``: category -> system prompt put before each question (GRAPE's generation mode)."""
+    per category), the proxy reward ``reward_fn`` gives the same answers (``eval/proxy``; left out when
+    ``reward_fn`` is None) and their mean length in words (``eval/length``). Every RL procedure evaluates with
+    it, so their numbers compare. ``system_prompts``: category -> system prompt put before each question
+    (GRAPE's generation mode)."""
     systems = None
     if system_prompts is not None:
         missing = sorted({q.category for q in questions} - set(system_prompts))
@@ -180,7 +181,8 @@ def heldout_report(policy, tokenizer, reward_fn: RewardFn, questions: Sequence[Q
         systems = [system_prompts[q.category] for q in questions]
     responses = answer(policy, tokenizer, [q.question for q in questions], systems=systems)
     scores = heldout_scores_by_category(policy, tokenizer, questions, responses=responses)
-    scores["eval/proxy"] = score_responses(reward_fn, questions, responses).mean().item()
+    if reward_fn is not None:
+        scores["eval/proxy"] = score_responses(reward_fn, questions, responses).mean().item()
     scores["eval/length"] = sum(len(r.split()) for r in responses) / len(responses)
     return scores
 

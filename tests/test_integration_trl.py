@@ -162,16 +162,18 @@ def test_trl_trains_the_tiny_sft_model_with_the_grape_reward(tmp_path):
     grape = rubric_reward(rubrics)
 
     def counted(batch, responses):
-        calls.append(len(responses))
-        return grape(batch, responses)
+        rewards = grape(batch, responses)
+        calls.append(rewards)
+        return rewards
 
     config = GRPOConfig(steps=3, questions_per_step=2, group_size=4, max_new_tokens=NEW_TOKENS, learning_rate=1e-4)
     trainer = _trainer(policy, tokenizer, questions, counted, config, tmp_path,
                        logging_strategy="steps", logging_steps=1)
     trainer.train()
     logged = [row for row in trainer.state.log_history if "reward" in row]
-    assert calls == [8, 8, 8]  # three steps of Q × G = 2 × 4 completions
-    assert len(logged) == 3 and all(0.0 <= row["reward"] <= 1.0 for row in logged)
+    assert [len(r) for r in calls] == [8, 8, 8]  # three steps of Q × G = 2 × 4 completions
+    # what TRL logged as each step's reward is the mean of what Eq. 15 returned for that step's completions
+    assert [row["reward"] for row in logged] == pytest.approx([r.mean().item() for r in calls], abs=1e-4)
     moved = max((p.detach() - start[name]).abs().max().item() for name, p in policy.named_parameters())
     assert moved > 1e-6, "no parameter moved"
 
