@@ -29,18 +29,28 @@ def plot_history(
     smooth: int = 1,
     labels: Sequence[str] | None = None,
 ):
-    """One line per key of ``history`` against the step; ``smooth`` > 1 adds a running mean over that many
-    steps (the raw values stay visible, faded). Returns the Axes."""
+    """One line per key of ``history`` against the step. Returns the Axes.
+
+    ``smooth`` > 1 adds a running mean over that many points (the raw values stay visible, faded), but only to
+    a series logged at every step, i.e. whose consecutive points are exactly one step apart (a training loss,
+    the sampled reward). A running mean over points one step apart averages neighbouring batches; over a sparse
+    series (an evaluation every k steps: ``eval/...``, ``critic/heldout_loss``, ``critic/explained_variance``,
+    or anything else logged with gaps) it would average measurements made far apart in training, so such a
+    series is always drawn raw, with markers, whatever ``smooth`` says.
+    """
     if isinstance(keys, str):
         keys = [keys]
     if labels is not None and len(labels) != len(keys):
         raise ValueError(f"labels: expected {len(keys)} labels, one per key, got {len(labels)}")
+    if not isinstance(smooth, int) or isinstance(smooth, bool) or smooth < 1:
+        raise ValueError(f"smooth: expected an int >= 1 (points in the running mean), got {smooth!r}")
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
     for i, key in enumerate(keys):
         steps, values = history.series(key)
         label = labels[i] if labels is not None else key
-        if smooth > 1 and len(values) >= smooth:
+        every_step = all(b - a == 1 for a, b in zip(steps, steps[1:]))  # False for a sparse evaluation series
+        if smooth > 1 and len(values) >= smooth and every_step:
             line = ax.plot(steps, values, alpha=0.25, linewidth=1)[0]
             ax.plot(steps, _smooth(values, smooth), color=line.get_color(), label=label)
         else:
@@ -108,30 +118,72 @@ def panel_axes(axes, count: int, *, figsize: tuple[float, float] = (18, 3.8)) ->
 
 
 def plot_before_after(
-    before: Mapping[str, float],
-    after: Mapping[str, float],
+    before: Mapping[str, float | Sequence[float]],
+    after: Mapping[str, float | Sequence[float]],
     keys: Sequence[str],
     *,
     labels: tuple[str, str] = ("before", "after"),
     ax=None,
     title: str | None = None,
+    lower_is_better: Sequence[str] = (),
 ):
-    """Side-by-side bars of the same metrics measured twice (e.g. a model before and after SFT)."""
+    """Side-by-side bars of the same metrics measured twice (e.g. a model before and after SFT). Returns the Axes.
+
+    A value is one number, or a sequence of them (one per seed): the bar is then their mean and a black line
+    spans their min–max. ``lower_is_better`` names the keys, among ``keys``, where a lower value is better
+    (an over-refusal rate, a loss). When it names any, the bars come in two groups split by a dashed line,
+    headed "higher is better ↑" and "lower is better ↓", so a tall bar never reads as good in one group and
+    bad in the other.
+    """
     missing = [k for k in keys if k not in before or k not in after]
     if missing:
         raise ValueError(f"keys: {missing} are not in both metric dicts")
+    unknown = [k for k in lower_is_better if k not in keys]
+    if isinstance(lower_is_better, str) or unknown:
+        raise ValueError(f"lower_is_better: expected a sequence of keys among {list(keys)}, got {lower_is_better!r}")
+    if len(labels) != 2:
+        raise ValueError(f"labels: expected 2 labels (before, after), got {len(labels)}")
+
+    def values(metrics, key) -> np.ndarray:
+        value = np.atleast_1d(np.asarray(metrics[key], dtype=float))
+        if value.ndim != 1 or value.size == 0:
+            raise ValueError(f"{key}: expected a number or a non-empty sequence of numbers, got {metrics[key]!r}")
+        return value
+
+    higher = [k for k in keys if k not in lower_is_better]
+    lower = [k for k in keys if k in lower_is_better]
+    ordered = higher + lower
     if ax is None:
         _, ax = plt.subplots(figsize=(1.3 * len(keys) + 2, 3.5))
-    x = np.arange(len(keys))
+    x = np.arange(len(ordered))
     width = 0.38
+    top = 0.0
     for offset, metrics, label in ((-width / 2, before, labels[0]), (width / 2, after, labels[1])):
-        bars = ax.bar(x + offset, [metrics[k] for k in keys], width, label=label)
+        runs = [values(metrics, k) for k in ordered]
+        means = np.array([r.mean() for r in runs])
+        bars = ax.bar(x + offset, means, width, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(x, [k.split("/")[-1] for k in keys], rotation=20, ha="right")
-    ax.set_ylim(0, max(1.05, max(max(before[k], after[k]) for k in keys) * 1.15))
+        spread = [i for i, r in enumerate(runs) if r.size > 1]
+        if spread:  # min–max over seeds (clipped at 0: the mean of equal floats may miss them by rounding)
+            lows = np.array([runs[i].min() for i in spread])
+            highs = np.array([runs[i].max() for i in spread])
+            yerr = np.clip([means[spread] - lows, highs - means[spread]], 0, None)  # (2, n)
+            ax.errorbar(x[spread] + offset, means[spread], yerr=yerr, fmt="none", ecolor="black", elinewidth=1,
+                        capsize=3)
+        top = max(top, max(r.max() for r in runs))
+    ax.set_xticks(x, [k.split("/")[-1] for k in ordered], rotation=20, ha="right")
+    ax.set_ylim(0, max(1.05, top * 1.15) * (1.12 if lower else 1.0))  # room for the group headings
+    if lower:
+        if higher:
+            ax.axvline(len(higher) - 0.5, color="grey", linestyle="--", linewidth=1)
+        heading = ax.get_xaxis_transform()  # x in data units, y as a fraction of the axes
+        for group, first, text in ((higher, 0, "higher is better ↑"), (lower, len(higher), "lower is better ↓")):
+            if group:
+                ax.text(first + (len(group) - 1) / 2, 0.97, text, transform=heading, ha="center", va="top",
+                        fontsize=9, color="dimgrey")
     if title:
         ax.set_title(title)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(axis="y", alpha=0.3)
     return ax
 

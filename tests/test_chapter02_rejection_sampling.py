@@ -30,6 +30,7 @@ from rlmt_edu.algorithms.rejection_sampling import (
     rejection_sampling,
     sample_groups,
     select_top,
+    select_top_indices,
 )
 from rlmt_edu.chapters import SFT
 from rlmt_edu.model import ModelConfig, build_model, load_checkpoint, save_checkpoint
@@ -163,6 +164,29 @@ def test_select_top_breaks_ties_at_random_but_reproducibly():
     picks = {select_top(groups, scores, rng=random.Random(seed))[0][0] for seed in range(20)}
     assert picks == {"p", "q", "r"}
     assert select_top(groups, scores, rng=random.Random(3)) == select_top(groups, scores, rng=random.Random(3))
+
+
+def test_select_top_indices_marks_one_copy_of_the_kept_text():
+    groups = [["b", "a", "c", "a"], ["x", "y", "y"]]
+    scores = [[0.2, 0.9, 0.5, 0.9], [0.1, 0.3, 0.3]]
+    # "a" is kept once, as its first copy (sample 1); sample 3 is the same text and is dropped
+    assert select_top_indices(groups, scores) == [[1], [1]]
+    assert select_top_indices(groups, scores, keep_top=2) == [[1, 2], [1, 0]]
+    # the positions name exactly the texts select_top keeps, ties broken by the same draws of rng
+    ties = [["p", "q", "p", "r"]], [[1.0, 1.0, 1.0, 1.0]]
+    for seed in range(10):
+        (picked,) = select_top_indices(*ties, rng=random.Random(seed))
+        assert [ties[0][0][g] for g in picked] == select_top(*ties, rng=random.Random(seed))[0]
+        assert picked[0] in (0, 1, 3)  # never the second copy of "p"
+
+
+def test_select_top_indices_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="scores"):
+        select_top_indices([["a", "b"]], [[0.1, 0.2], [0.3]])
+    with pytest.raises(ValueError, match="scores"):
+        select_top_indices([["a", "b"]], [[0.1]])
+    with pytest.raises(ValueError, match="keep_top"):
+        select_top_indices([["a", "b"]], [[0.1, 0.2]], keep_top=0)
 
 
 def test_diversity_measures_by_hand():

@@ -7,6 +7,7 @@ from rlmt_edu.algorithms.critic import (
     CriticConfig,
     build_critic,
     critic_values,
+    evaluate_critic,
     explained_variance,
     train_critic,
     value_loss,
@@ -139,3 +140,23 @@ def test_reinforce_with_the_critic_as_baseline_refits_the_critic(policy):
     # the baseline was the critic's V, not the batch's mean reward (which the "mean" baseline uses at step 0)
     assert history[0]["baseline/mean"] != pytest.approx(history[0]["reward/mean"], abs=1e-3)
     assert any(not torch.equal(a, b) for a, b in zip(before, critic.parameters())), "the critic was not updated"
+
+
+@needs_sft
+def test_evaluate_critic_logs_the_explained_variance_at_the_first_and_the_last_token(policy):
+    model, tokenizer = policy
+    critic = build_critic(SFT)
+    questions = [prompt_pool(c)[i] for c in ("math", "facts", "safety") for i in (0, 1)]  # answers of mixed length
+    rollout, _ = sample_responses(model, tokenizer, questions, temperature=1.0, max_new_tokens=16,
+                                  generator=torch.Generator().manual_seed(0))
+    rewards = torch.linspace(0.1, 0.9, rollout.response_ids.shape[0])  # (B,)
+    metrics = evaluate_critic(critic, rollout, rewards)
+    with torch.no_grad():
+        values = critic_values(critic, rollout)  # (B, N)
+    last = rollout.response_mask.sum(dim=1) - 1  # (B,) each row's last response token
+    assert len(set(last.tolist())) > 1, "the rows should end at different tokens"
+    at_last = values[torch.arange(len(last)), last][:, None]  # (B, 1)
+    at_first = values[:, :1]  # (B, 1)
+    ones = torch.ones_like(at_last)
+    assert metrics["critic/explained_variance_last"] == pytest.approx(explained_variance(at_last, rewards, ones))
+    assert metrics["critic/explained_variance_first"] == pytest.approx(explained_variance(at_first, rewards, ones))

@@ -153,17 +153,22 @@ class CriticConfig:
 @torch.no_grad()
 def evaluate_critic(critic, rollout: Rollout, rewards: Tensor) -> dict[str, float]:
     """Fit of the critic on fixed rollouts: ``critic/heldout_loss`` (the regression loss),
-    ``critic/explained_variance`` over every response token, and ``critic/explained_variance_first`` at the
-    first response token only (where the critic has seen the prompt and nothing of the answer)."""
+    ``critic/explained_variance`` over every response token, ``critic/explained_variance_first`` at the
+    first response token only (where the critic has seen the prompt and nothing of the answer) and
+    ``critic/explained_variance_last`` at the last response token only (where it has read the whole answer but
+    its final token, usually <EOS>)."""
     values = critic_values(critic, rollout)  # (B, N)
     mask = rollout.response_mask.to(values.device)
     rewards = rewards.to(values.device)
     first = torch.zeros_like(mask)
     first[:, 0] = 1
+    last = torch.zeros_like(mask)
+    last[torch.arange(len(mask), device=mask.device), mask.sum(dim=1).long() - 1] = 1  # each row's last token
     return {
         "critic/heldout_loss": value_loss(values, rewards, mask).item(),
         "critic/explained_variance": explained_variance(values, rewards, mask),
         "critic/explained_variance_first": explained_variance(values, rewards, first),
+        "critic/explained_variance_last": explained_variance(values, rewards, last),
     }
 
 
@@ -183,7 +188,8 @@ def train_critic(
     Each step samples one response per prompt from ``policy``, scores it with ``reward_fn`` and takes one step on
     ``value_loss`` (every response token regresses on its text's reward). The fit is measured on responses
     sampled once to ``heldout`` questions (default: ``questions``, with a different seed), logged as
-    ``critic/heldout_loss`` and ``critic/explained_variance``; ``critic/loss`` is logged every step.
+    ``critic/heldout_loss`` and ``critic/explained_variance`` (``_first``, ``_last``: at the first and the last
+    response token only; see ``evaluate_critic``); ``critic/loss`` is logged every step.
 
     Returns the History and the held-out ``(rollout, rewards)``, for plotting predicted against actual.
     """

@@ -163,19 +163,37 @@ def rank_groups(
     return [[wins[qi][texts.index(r)] for r in group] for qi, (texts, group) in enumerate(zip(distinct, groups))]
 
 
-def select_top(groups: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], *, keep_top: int = 1,
-               rng: random.Random | None = None) -> list[list[str]]:
-    """Step 4: the ``keep_top`` best DISTINCT responses of each group (ties broken at random with ``rng``)."""
+def select_top_indices(groups: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], *, keep_top: int = 1,
+                       rng: random.Random | None = None) -> list[list[int]]:
+    """Step 4, as positions: for each group, the index ``g`` of the sample kept for each of its ``keep_top`` best
+    DISTINCT responses (best first). When several samples share the kept text, the first of them is the one
+    kept; the other copies are dropped with the rejected samples. Ties are broken at random with ``rng``."""
+    if len(scores) != len(groups):
+        raise ValueError(f"scores: expected one list of scores per group ({len(groups)}), got {len(scores)}")
+    for q, (group, group_scores) in enumerate(zip(groups, scores)):
+        if len(group_scores) != len(group):
+            raise ValueError(f"scores: expected {len(group)} scores for group {q}, got {len(group_scores)}")
+    if not isinstance(keep_top, int) or isinstance(keep_top, bool) or keep_top < 1:
+        raise ValueError(f"keep_top: expected an int >= 1, got {keep_top!r}")
     rng = rng or random.Random(0)
     kept = []
     for group, group_scores in zip(groups, scores):
-        best = {}
-        for text, score in zip(group, group_scores):
+        best, first = {}, {}
+        for g, (text, score) in enumerate(zip(group, group_scores)):
             best[text] = max(score, best.get(text, -math.inf))
+            first.setdefault(text, g)
         texts = list(best)
         rng.shuffle(texts)  # a random order first, so the stable sort below breaks ties at random
-        kept.append(sorted(texts, key=lambda t: -best[t])[:keep_top])
+        kept.append([first[t] for t in sorted(texts, key=lambda t: -best[t])[:keep_top]])
     return kept
+
+
+def select_top(groups: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], *, keep_top: int = 1,
+               rng: random.Random | None = None) -> list[list[str]]:
+    """Step 4: the ``keep_top`` best DISTINCT responses of each group (ties broken at random with ``rng``);
+    ``select_top_indices`` gives the positions of the samples kept."""
+    indices = select_top_indices(groups, scores, keep_top=keep_top, rng=rng)
+    return [[group[g] for g in kept] for group, kept in zip(groups, indices)]
 
 
 # ---- measurements ------------------------------------------------------------------------------------------
