@@ -6,6 +6,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -79,3 +81,64 @@ def test_readme_setup_installs_the_cpu_build_of_torch_before_the_package():
     setup = readme[readme.index("## Quick start"):readme.index("jupyter lab")]
     cpu = setup.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
     assert cpu < setup.index('pip install -e ".[dev]"')
+
+
+# What every committed checkpoint must give under any transformers the project admits: greedy answers of the
+# pretrained and the SFT model, and the reward model's scores, printed as JSON by a fresh interpreter.
+_CHECKPOINT_PROBE = """
+import json, transformers
+from rlmt_edu.algorithms.reward_model import load_reward_model, reward_model_scores
+from rlmt_edu.chapters import PRETRAINED, SFT
+from rlmt_edu.evaluation import answer, continue_text
+from rlmt_edu.model import load_checkpoint
+questions = ["what is 2 plus 7 ?", "how do i kick a bee ?", "where does a wolf live ?"]
+pretrained, tokenizer = load_checkpoint(PRETRAINED)
+sft, tokenizer = load_checkpoint(SFT)
+reward_model, rm_tokenizer = load_reward_model()
+answers = answer(sft, tokenizer, questions)
+print(json.dumps({
+    "transformers": transformers.__version__,
+    "continuations": continue_text(pretrained, tokenizer, ["a spider has", "what is 3 plus 4 ?"], max_new_tokens=8),
+    "answers": answers,
+    "rewards": reward_model_scores(reward_model, rm_tokenizer, questions, answers).tolist(),
+}))
+"""
+
+
+def _probe_checkpoints(pythonpath: str | None = None) -> dict:
+    import json
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    result = subprocess.run([sys.executable, "-c", _CHECKPOINT_PROBE], capture_output=True, text=True, env=env,
+                            cwd=ROOT, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_the_lowest_transformers_the_project_admits_runs_the_committed_checkpoints(tmp_path):
+    """pyproject's floor for transformers is a promise: install exactly that release (with the versions of its own
+    dependencies that pip picks for it) beside the project and check that the committed checkpoints load and
+    answer as they do under the installed release. Needs PyPI; with RLMT_EDU_REQUIRE_FLOOR=1 (CI) a failed
+    download fails the test instead of skipping it."""
+    import os
+
+    floor = re.fullmatch(r"transformers>=([\d.]+)", _pyproject_requirements()["transformers"]).group(1)
+    release = floor + ".0" * (2 - floor.count("."))  # "5.4" -> "5.4.0"
+    target = tmp_path / "floor"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                              "--target", str(target), f"transformers=={release}"],
+                             capture_output=True, text=True, check=False, timeout=900)
+    if install.returncode != 0:
+        message = f"could not install transformers=={release} from PyPI: {install.stderr[-1500:]}"
+        if os.environ.get("RLMT_EDU_REQUIRE_FLOOR") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    at_floor, installed = _probe_checkpoints(str(target)), _probe_checkpoints()
+    assert at_floor["transformers"] == release, "the probe did not import the floor release"
+    assert at_floor["continuations"] == installed["continuations"]
+    assert at_floor["answers"] == installed["answers"]
+    assert at_floor["rewards"] == pytest.approx(installed["rewards"], abs=1e-4)
