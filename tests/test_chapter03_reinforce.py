@@ -184,6 +184,12 @@ def test_baseline_cuts_the_gradient_variance_at_least_twofold(hard_math):
     # estimate is the more reproducible one (its two half-samples agree better)
     assert stats["mean"]["cosine_to_none"] > 0.5
     assert stats["mean"]["split_half_cosine"] > stats["none"]["split_half_cosine"]
+    # the noise of a mean of K = 8 gradients, and ‖ḡ‖ with that noise taken out: E‖ḡ‖² = ‖E g‖² + variance / K
+    for name in ("none", "mean"):
+        s = stats[name]
+        assert s["standard_error"] == pytest.approx(math.sqrt(s["variance"] / 8))
+        assert s["noise_corrected_norm"] == pytest.approx(math.sqrt(max(0.0, s["mean_norm"] ** 2 - s["variance"] / 8)))
+        assert s["noise_corrected_norm"] <= s["mean_norm"]
 
 
 def test_gradient_variance_rejects_bad_arguments():

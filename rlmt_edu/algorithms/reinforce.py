@@ -223,7 +223,10 @@ def gradient_variance(
     - ``cosine_to_none``: cos(ḡ, ḡ_none), 1 when the baseline leaves the expected gradient unchanged (only
       approximately measurable: ḡ_none itself is noisy);
     - ``split_half_cosine``: cos of the mean gradients of the first and the second K/2 batches: how
-      reproducible this baseline's ḡ is (1 = no noise left).
+      reproducible this baseline's ḡ is (1 = no noise left);
+    - ``standard_error``: √(variance / K), the typical size of ḡ's own noise;
+    - ``noise_corrected_norm``: √max(0, ‖ḡ‖² − variance / K), an estimate of ‖E g‖. Since
+      E‖ḡ‖² = ‖E g‖² + (total variance) / K, ‖ḡ‖ overstates the expected gradient's size by its noise.
 
     The "mean" baseline is a constant: the mean reward of one extra pilot batch drawn first, so that it does not
     depend on the samples it is applied to (reported as ``constant``). The "critic" baseline is ``critic``'s
@@ -290,6 +293,9 @@ def gradient_variance(
             "cosine_to_none": cosine(mean, sums["none"] / batches) if "none" in sums else math.nan,
             "split_half_cosine": cosine(first, second),
         }
+        noise = results[name]["variance"] / batches  # E‖ḡ‖² − ‖E g‖²
+        results[name]["standard_error"] = math.sqrt(noise)
+        results[name]["noise_corrected_norm"] = math.sqrt(max(0.0, results[name]["mean_norm"] ** 2 - noise))
         if name == "mean":
             results[name]["constant"] = constant
     return results
